@@ -1,0 +1,1 @@
+"""Route groups of the hardneg HTTP API, one module each."""

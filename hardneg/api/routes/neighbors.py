@@ -1,0 +1,35 @@
+"""``POST /neighbors`` and ``GET /neighbors/{item_id}``: k nearest neighbours on the served (or a pinned) snapshot."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+
+from hardneg.api.deps import LanesDep, SettingsDep, StateDep
+from hardneg.api.routes.errors import error_responses
+from hardneg.api.schemas import NeighborsRequest, NeighborsResponse, SearchOptions
+from hardneg.api.search import check_request, search_neighbors
+
+router = APIRouter(tags=["search"], responses=error_responses(400, 401, 404, 409, 413, 503))
+
+
+@router.post("/neighbors", response_model=NeighborsResponse, summary="Neighbours of a batch of queries")
+async def post_neighbors(body: NeighborsRequest, settings: SettingsDep, state: StateDep, lanes: LanesDep) -> dict:
+    """The ``k`` nearest admissible stored items of each query, nearest first, with squared Euclidean distances."""
+    check_request(body, settings)
+    snap = await state.resolve(body.snapshot)  # grabbed once: a reload meanwhile does not touch this request
+    return await lanes.run(search_neighbors, snap, body)
+
+
+@router.get("/neighbors/{item_id}", response_model=NeighborsResponse, summary="Neighbours of one stored item")
+async def get_neighbors(
+    item_id: Annotated[int, Path(description="id of a stored item; it is never its own neighbour")],
+    options: Annotated[SearchOptions, Query()],
+    settings: SettingsDep,
+    state: StateDep,
+    lanes: LanesDep,
+) -> dict:
+    """The same as ``POST /neighbors`` with ``ids=[item_id]``; list options repeat (``?label_in=1&label_in=2``)."""
+    body = NeighborsRequest(ids=[item_id], **options.model_dump())
+    return await post_neighbors(body, settings, state, lanes)

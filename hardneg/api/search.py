@@ -1,0 +1,119 @@
+"""Answering ``/neighbors`` requests: validate them against the settings and a snapshot, search, shape the result.
+
+FAISS releases the GIL, so searches run on worker threads, at most ``search_lanes``
+at a time, each with ``faiss_threads`` OpenMP threads: lanes x threads stays within
+the cores instead of every request spawning a full OpenMP team (oversubscription
+makes p99 latency collapse under concurrent load).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+import numpy as np
+
+from hardneg.api.schemas import NeighborsRequest
+from hardneg.api.settings import Settings
+from hardneg.api.state import ServedSnapshot
+from hardneg.miner.errors import ValidationError
+from hardneg.miner.index import SearchParams, SearchResult
+
+T = TypeVar("T")
+QUERY_FIELDS = ("vectors", "ids", "inputs")
+
+
+class SearchLanes:
+    """Runs blocking search work on at most ``lanes`` threads at once."""
+
+    def __init__(self, lanes: int) -> None:
+        self.limiter = anyio.CapacityLimiter(lanes)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+
+def check_request(req: NeighborsRequest, settings: Settings) -> None:
+    """Check what does not depend on the snapshot: one query form, batch size, ``k``. Raises ValidationError (400)."""
+    given = [f for f in QUERY_FIELDS if getattr(req, f) is not None]
+    if len(given) != 1:
+        raise ValidationError(f"give exactly one of vectors, ids or inputs; got {', '.join(given) or 'none'}")
+    n = len(getattr(req, given[0]))
+    if n == 0:
+        raise ValidationError(f"{given[0]} is empty; send between 1 and {settings.max_batch} queries")
+    if n > settings.max_batch:
+        raise ValidationError(f"{given[0]} holds {n} queries; at most {settings.max_batch} are accepted per "
+                              "request (HARDNEG_MAX_BATCH)")
+    if not 1 <= req.k <= settings.max_k:
+        raise ValidationError(f"k must be between 1 and {settings.max_k} (HARDNEG_MAX_K), got {req.k}")
+    if req.ids is not None and req.labels is not None:
+        raise ValidationError("labels are only accepted with vectors or inputs; queries by ids use the stored labels")
+    if req.labels is not None and len(req.labels) != n:
+        raise ValidationError(f"labels has {len(req.labels)} entries but there are {n} queries; give one label "
+                              "per query")
+
+
+def search_neighbors(snap: ServedSnapshot, req: NeighborsRequest) -> dict:
+    """Resolve the queries of ``req`` on ``snap``, search, and return the response body (blocking; run in a lane)."""
+    index = snap.index
+    exclude_self = None
+    labels = req.labels
+    if req.ids is not None:
+        rows = index.rows_of(req.ids)  # NotFoundError (404) names unknown ids
+        queries = index.vectors_of(req.ids)
+        labels = index.labels[rows]
+        exclude_self = req.ids
+    elif req.vectors is not None:
+        queries = _vectors(req.vectors, index.dim, snap.name)
+    else:
+        queries = _embed(snap, req.inputs)
+    if req.different_label and labels is None:
+        raise ValidationError("different_label needs labels: give `labels` (one per query) with vectors or "
+                              "inputs, or query by ids")
+    result = index.search(
+        queries, req.k, query_labels=labels, different_label=req.different_label, label_in=req.label_in,
+        label_not_in=req.label_not_in, exclude_ids=req.exclude_ids, exclude_self=exclude_self,
+        params=SearchParams(nprobe=req.nprobe, ef_search=req.ef_search))
+    return {"snapshot": snap.name, "results": neighbor_lists(result)}
+
+
+def neighbor_lists(result: SearchResult) -> list[list[dict]]:
+    """The compressed-row ``result`` as one list of ``{id, label, distance}`` per query, nearest first."""
+    ids, labels, dist = result.ids.tolist(), result.labels.tolist(), result.distances.tolist()
+    off = result.offsets.tolist()
+    return [[{"id": ids[j], "label": labels[j], "distance": dist[j]} for j in range(off[i], off[i + 1])]
+            for i in range(len(off) - 1)]
+
+
+def _vectors(vectors: list[list[float]], dim: int, name: str) -> np.ndarray:
+    """(n, dim) float32 queries; 400 for a wrong dimension or a non-finite value."""
+    wrong = [i for i, v in enumerate(vectors) if len(v) != dim]
+    if wrong:
+        raise ValidationError(f"vectors must each have {dim} numbers (the dimension of snapshot {name}); "
+                              f"query {wrong[0]} has {len(vectors[wrong[0]])}")
+    x = np.asarray(vectors, dtype=np.float32)
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        # Python's json accepts NaN and Infinity literals, and 1e999 parses as inf.
+        raise ValidationError(f"vectors contain NaN or inf (queries {np.flatnonzero(~finite)[:10].tolist()}); "
+                              "only finite numbers are accepted")
+    return x
+
+
+def _embed(snap: ServedSnapshot, inputs: list) -> np.ndarray:
+    """Embed raw ``inputs`` with the snapshot's own model: (n, dim) float32."""
+    if snap.model is None:
+        raise ValidationError(f"snapshot {snap.name} has no exported model (model.pt2), so it cannot embed inputs; "
+                              "query by vectors or ids instead")
+    shape = snap.model.input_shape
+    try:
+        x = np.asarray(inputs, dtype=np.float32)
+    except (ValueError, TypeError):
+        raise ValidationError(f"inputs must be nested lists of numbers, each of shape {list(shape)} "
+                              f"(the model's input_shape of snapshot {snap.name}); they are ragged") from None
+    if x.shape[1:] != shape:
+        raise ValidationError(f"inputs must each have shape {list(shape)} (the model's input_shape of snapshot "
+                              f"{snap.name}); got {list(x.shape[1:])}")
+    return snap.model.embed(x)
