@@ -44,7 +44,9 @@ class Distance:
     def to_distance(self, scores: np.ndarray) -> np.ndarray:
         """Map FAISS scores (any shape) to squared Euclidean distances."""
         if self.higher_is_closer:
-            return np.maximum(2.0 - 2.0 * scores, 0.0).astype(np.float32, copy=False)
+            # FAISS marks missing results with similarity -FLT_MAX; they overflow to an infinite distance.
+            with np.errstate(over="ignore"):
+                return np.maximum(2.0 - 2.0 * scores, 0.0).astype(np.float32, copy=False)
         return np.maximum(scores, 0.0).astype(np.float32, copy=False)
 
     def pairwise(self, q: np.ndarray, x: np.ndarray) -> np.ndarray:
