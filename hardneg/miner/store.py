@@ -148,10 +148,23 @@ class SnapshotStore:
             raise SnapshotError(f"{self.root / LATEST} holds an invalid name: {e}") from None
 
     def names(self) -> list[str]:
-        """Names of published snapshot folders, oldest first (by name; auto names are zero-padded sequence numbers)."""
+        """Names of published snapshot folders, oldest first.
+
+        Age is the manifest's ``created_at`` (names given with ``publish(name=...)`` need not sort by age);
+        snapshots whose manifest cannot be read count as the oldest.
+        """
         if not self.snapshots_dir.is_dir():
             return []
-        return sorted(p.name for p in self.snapshots_dir.iterdir() if p.is_dir() and _NAME_RE.match(p.name))
+        names = [p.name for p in self.snapshots_dir.iterdir() if p.is_dir() and _NAME_RE.match(p.name)]
+        return sorted(names, key=lambda n: (self._created_at(n), n))
+
+    def _created_at(self, name: str) -> str:
+        """The ``created_at`` of ``name``'s manifest (UTC ISO 8601, so it sorts as text), or "" if unreadable."""
+        try:
+            manifest = json.loads((self.snapshots_dir / name / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return ""
+        return str(manifest.get("created_at", "")) if isinstance(manifest, dict) else ""
 
     # --------------------------------------------------------------- publish
     def publish(
