@@ -72,16 +72,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.reloader = Reloader(app.state.snapshots, metrics, settings.poll_seconds, settings.retry_seconds)
 
     protected = [Depends(require_api_key)]
-    app.include_router(health.router)
-    app.include_router(neighbors.router, dependencies=protected)
-    app.include_router(snapshot.router, dependencies=protected)
-    app.include_router(metrics_route.router, dependencies=[] if settings.metrics_open else protected)
+    routers = [(health.router, []), (neighbors.router, protected), (snapshot.router, protected),
+               (metrics_route.router, [] if settings.metrics_open else protected)]
+    for router, dependencies in routers:
+        app.include_router(router, dependencies=dependencies)
 
     for exc_type, code in _STATUS:
         app.add_exception_handler(exc_type, _error_handler(code))
     # Added last = outermost: metrics also count the 413s the body limit answers.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=[r for router, _ in routers for r in router.routes])
     return app
 
 
