@@ -299,8 +299,8 @@ class VectorIndex:
             exclude_ids: drop these item ids for every query.
             exclude_self: (n,) one id per query to drop for that query alone (a query by stored id).
             params: per-call search parameters for approximate indexes. Under a filter these are widened by
-                what the filtered-out items could fill (they may be exactly the nearest ones), and when the
-                admissible items are fewer than the widened search would examine, only they are scanned, exactly.
+                what the filtered-out items could fill (they may be exactly the nearest ones), and a filter that
+                admits few items is answered exactly (every IVF list, or HNSW's flat storage, behind the filter).
 
         Returns:
             A :class:`SearchResult`; a query has fewer than ``k`` hits only when fewer items pass the filters
@@ -370,26 +370,21 @@ class VectorIndex:
             if len(runs) <= _MAX_RANGES:
                 return self._search_ranges(q, k, runs)
         n_allowed = self.count if mask is None else int(mask.sum())
+        bits = None if mask is None else np.packbits(mask, bitorder="little")  # must outlive the selector
+        sel = None if bits is None else faiss.IDSelectorBitmap(mask.size, faiss.swig_ptr(bits))
         base = params or SearchParams()
         nprobe = base.nprobe or self.spec.nprobe
         ef = base.ef_search or self.spec.ef_search
+        target = self.index
         if mask is not None and not self.exact:
-            # The blocked items can be exactly the nearest ones (different_label blocks the query's own class),
-            # and they still fill IVF's probed lists and HNSW's candidate list: widen both by what they can fill.
-            nprobe, ef, examined = self._widen_for_blocked(nprobe, ef, k, self.count - n_allowed)
-            if n_allowed <= examined:
-                # Scanning only the admissible items is then cheaper than the widened search, and exact.
-                found = self._search_subset(q, k, np.flatnonzero(mask))
-                if found is not None:
-                    return found
-        bits = None if mask is None else np.packbits(mask, bitorder="little")  # must outlive the selector
-        sel = None if bits is None else faiss.IDSelectorBitmap(mask.size, faiss.swig_ptr(bits))
+            target, nprobe, ef = self._widen_for_blocked(nprobe, ef, k, n_allowed)
+        exact = self.exact or target is not self.index
         while True:
-            sp = self._faiss_params(sel, nprobe, ef, k)
-            scores, rows = self.index.search(q, k, params=sp) if sp is not None else self.index.search(q, k)
+            sp = self._faiss_params(target, sel, nprobe, ef, k)
+            scores, rows = target.search(q, k, params=sp) if sp is not None else target.search(q, k)
             want = min(k, n_allowed)
             short = (rows >= 0).sum(1) < want
-            if self.exact or not short.any():
+            if exact or not short.any():
                 return rows.astype(np.int64), scores
             # Approximate index: widen the search rather than silently return fewer.
             widened = self._widen(nprobe, ef)
@@ -398,27 +393,25 @@ class VectorIndex:
             nprobe, ef = widened
 
     def _widen_for_blocked(self, nprobe: int | None, ef: int | None, k: int,
-                           blocked: int) -> tuple[int | None, int | None, float]:
-        """Search breadth that leaves room for ``blocked`` filtered-out items; also how many items it examines."""
+                           n_allowed: int) -> tuple[faiss.Index, int | None, int | None]:
+        """Which FAISS index to search, with what nprobe and efSearch, when only ``n_allowed`` items pass a filter.
+
+        The blocked items can be exactly the nearest ones (different_label blocks the query's own class), and
+        they still fill IVF's probed lists and HNSW's candidate list: widen both by what the blocked items can
+        fill. Capped at every list, IVF is exhaustive and its selector skips blocked items before any distance;
+        when HNSW would compute more distances than there are admissible items, its flat storage is scanned.
+        """
+        blocked = self.count - n_allowed
         ivf = faiss.try_extract_index_ivf(self.index)
         if ivf is not None:
-            per_list = self.count / ivf.nlist
-            nprobe = min(ivf.nlist, (nprobe or 1) + math.ceil(blocked / per_list))
-            return nprobe, ef, nprobe * per_list
+            return self.index, min(ivf.nlist, (nprobe or 1) + math.ceil(blocked * ivf.nlist / self.count)), ef
         if isinstance(self.index, faiss.IndexHNSW):
             ef = min(self.count, max(ef or 16, k) + blocked)
-            return nprobe, ef, float(ef)
-        return nprobe, ef, 0.0
-
-    def _search_subset(self, q: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        """Exact search among ``rows`` (m,) of an approximate index on vectors reconstructed from it;
-        None when the index cannot reconstruct its vectors."""
-        try:
-            xs = self.index.reconstruct_batch(rows)
-        except RuntimeError:
-            return None
-        s, r = faiss.knn(q, xs, min(k, len(rows)), metric=self.distance.faiss_metric)
-        return _pad(np.where(r >= 0, rows[np.maximum(r, 0)], -1), s, k)
+            storage = faiss.downcast_index(self.index.storage)
+            # Each candidate HNSW expands costs up to M (upper levels) to 2M (level 0) distances.
+            if isinstance(storage, faiss.IndexFlat) and n_allowed <= ef * self.index.hnsw.nb_neighbors(1):
+                return storage, nprobe, ef
+        return self.index, nprobe, ef
 
     def _widen(self, nprobe: int | None, ef: int | None) -> tuple[int | None, int | None] | None:
         ivf = faiss.try_extract_index_ivf(self.index)
@@ -430,17 +423,17 @@ class VectorIndex:
             return (nprobe, cur * 4) if cur < self.count else None
         return None
 
-    def _faiss_params(self, sel, nprobe: int | None, ef: int | None, k: int):
-        ivf = faiss.try_extract_index_ivf(self.index)
+    def _faiss_params(self, index: faiss.Index, sel, nprobe: int | None, ef: int | None, k: int):
+        ivf = faiss.try_extract_index_ivf(index)
         if ivf is not None:
             inner = faiss.SearchParametersIVF(sel=sel, nprobe=int(nprobe or 1))
-        elif isinstance(self.index, faiss.IndexHNSW):
+        elif isinstance(index, faiss.IndexHNSW):
             inner = faiss.SearchParametersHNSW(sel=sel, efSearch=int(max(ef or 16, k)))
         elif sel is not None:
             inner = faiss.SearchParameters(sel=sel)
         else:
             return None
-        if isinstance(self.index, faiss.IndexPreTransform):
+        if isinstance(index, faiss.IndexPreTransform):
             return faiss.SearchParametersPreTransform(index_params=inner)
         return inner
 
@@ -465,7 +458,11 @@ class VectorIndex:
         order = np.argsort(key, axis=1, kind="stable")
         rows = np.take_along_axis(rows, order, 1)
         scores = np.take_along_axis(scores, order, 1)
-        return _pad(rows, scores, k)
+        if rows.shape[1] < k:
+            pad = k - rows.shape[1]
+            rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=np.nan)
+        return rows, scores
 
 
 # ----------------------------------------------------------------- helpers
@@ -518,14 +515,6 @@ def _true_runs(mask: np.ndarray) -> list[tuple[int, int]]:
     starts = np.flatnonzero(d == 1)
     ends = np.flatnonzero(d == -1)
     return list(zip(starts.tolist(), ends.tolist()))
-
-
-def _pad(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pad (m, k') ``rows`` with -1 and ``scores`` with NaN up to k columns."""
-    if rows.shape[1] >= k:
-        return rows, scores
-    pad = ((0, 0), (0, k - rows.shape[1]))
-    return np.pad(rows, pad, constant_values=-1), np.pad(scores, pad, constant_values=np.nan)
 
 
 def _compact(rows: np.ndarray, dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
