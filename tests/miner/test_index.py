@@ -41,19 +41,20 @@ def small(clusters):
     return data, queries, q_labels, q_self
 
 
-def _admissible(data, q_labels, q_self, f: dict) -> np.ndarray:
-    """The filter ``f`` applied in numpy: (nq, n) bool over items in their original order."""
-    ok = np.ones((len(q_labels), len(data.ids)), dtype=bool)
+def _admissible(ids: np.ndarray, labels: np.ndarray, q_labels: np.ndarray, q_self: np.ndarray | None,
+                f: dict) -> np.ndarray:
+    """The filter ``f`` applied in numpy: (nq, n) bool over items ``ids``/``labels`` (n,) in their given order."""
+    ok = np.ones((len(q_labels), len(ids)), dtype=bool)
     if "label_in" in f:
-        ok &= np.isin(data.labels, f["label_in"])[None, :]
+        ok &= np.isin(labels, f["label_in"])[None, :]
     if "label_not_in" in f:
-        ok &= ~np.isin(data.labels, f["label_not_in"])[None, :]
+        ok &= ~np.isin(labels, f["label_not_in"])[None, :]
     if "exclude_ids" in f:
-        ok &= ~np.isin(data.ids, f["exclude_ids"])[None, :]
+        ok &= ~np.isin(ids, f["exclude_ids"])[None, :]
     if f.get("different_label"):
-        ok &= data.labels[None, :] != q_labels[:, None]
+        ok &= labels[None, :] != q_labels[:, None]
     if f.get("exclude_self"):
-        ok &= data.ids[None, :] != q_self[:, None]
+        ok &= ids[None, :] != q_self[:, None]
     return ok
 
 
@@ -125,13 +126,32 @@ def test_flat_search_equals_brute_force(small, knn_reference, paths_taken, metri
     result = index.search(queries, k, **_search_kwargs(q_labels, q_self, f))
 
     assert set(paths_taken) == paths
-    d2 = reference_distances(data.vectors, queries, metric, _admissible(data, q_labels, q_self, f))
+    d2 = reference_distances(data.vectors, queries, metric, _admissible(data.ids, data.labels, q_labels, q_self, f))
     assert_knn_matches([(h.ids, h.labels, h.distances) for h in result], d2, data.ids, data.labels, k)
     # Compressed rows: no -1 padding anywhere, and rows point at the ids they report.
     assert len(result) == len(queries) and result.offsets[-1] == len(result.ids)
     assert (result.rows >= 0).all()
     np.testing.assert_array_equal(index.ids[result.rows], result.ids)
     np.testing.assert_array_equal(index.labels[result.rows], result.labels)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("f", [{}, {"different_label": True}, {"exclude_ids": _SCATTERED[:40]}],
+                         ids=["plain", "ranges", "selector"])
+def test_exact_ties_at_the_cut(knn_reference, metric, f):
+    """Every vector stored three times under different ids and labels: ties straddle the cut of k=4."""
+    reference_distances, assert_knn_matches = knn_reference
+    rng = np.random.default_rng(9)
+    base = rng.normal(size=(200, 8)).astype(np.float32)
+    vectors = np.repeat(base, 3, axis=0)
+    labels = rng.integers(0, 12, size=600)
+    ids = (rng.permutation(600) * 7 + 1000).astype(np.int64)
+    queries = base[:25] + 0.01 * rng.normal(size=(25, 8)).astype(np.float32)
+    q_labels = rng.integers(0, 12, size=25)
+    index = VectorIndex.build(vectors, labels, ids, metric=metric)
+    result = index.search(queries, 4, **_search_kwargs(q_labels, None, f))
+    d2 = reference_distances(vectors, queries, metric, _admissible(ids, labels, q_labels, None, f))
+    assert_knn_matches([(h.ids, h.labels, h.distances) for h in result], d2, ids, labels, 4)
 
 
 def test_fragmented_filter_really_is_fragmented(small):
@@ -173,6 +193,8 @@ def test_lookup_by_id_maps_to_the_right_vector(small, metric):
     data = small[0]
     index = VectorIndex.build(data.vectors, data.labels, data.ids, metric=metric)
     pick = np.array([5, 0, 599, 321])
+    one = index.search(data.vectors[7], 1)  # a single 1-D query is one query
+    assert len(one) == 1 and one.ids.tolist() == [data.ids[7]]
     rows = index.rows_of(data.ids[pick])
     np.testing.assert_array_equal(index.ids[rows], data.ids[pick])
     np.testing.assert_array_equal(index.labels[rows], data.labels[pick])
@@ -245,6 +267,8 @@ def test_approximate_different_label_recall(big, metric, kind, wider):
     """Hard-negative mode blocks exactly the nearest items (the query's own class), which would otherwise fill
     IVF's probed lists and HNSW's candidate list; recall must stay high at the defaults and rise with breadth."""
     index = big.index(metric, kind)
+    shared = faiss.extract_index_ivf(index.index) if kind == "ivf" else index.index.hnsw
+    before = (shared.nprobe if kind == "ivf" else shared.efSearch)
     result = index.search(big.queries, 10, query_labels=big.q_labels, different_label=True)
     assert (result.lengths == 10).all()
     for h, label in zip(result, big.q_labels):
@@ -255,6 +279,7 @@ def test_approximate_different_label_recall(big, metric, kind, wider):
     assert default >= 0.9
     wide = index.search(big.queries, 10, query_labels=big.q_labels, different_label=True, params=wider)
     assert big.recall(wide, metric, different_label=True) >= max(default, 0.97)
+    assert (shared.nprobe if kind == "ivf" else shared.efSearch) == before  # widened per call, never in place
 
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
