@@ -54,13 +54,15 @@ class ExportedModel:
         if x.ndim < 1 or tuple(x.shape[1:]) != self.input_shape:
             raise ValidationError(f"inputs must have shape (n, {', '.join(map(str, self.input_shape))}), "
                                   f"got {tuple(x.shape)}")
+        if len(x) == 0:
+            raise ValidationError("inputs must hold at least one item")
         if not np.isfinite(x).all():
             raise ValidationError("inputs contain NaN or inf; only finite values are accepted")
         out = []
         with torch.no_grad():
             for i in range(0, len(x), batch_size):
                 out.append(self.module(torch.from_numpy(x[i:i + batch_size])).numpy())
-        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
+        return np.concatenate(out).astype(np.float32)
 
 
 def load_model(path: str | os.PathLike, input_shape: Sequence[int]) -> ExportedModel:

@@ -296,7 +296,7 @@ class SnapshotStore:
     def verify(self, name: str | None = None) -> dict:
         """Check ``name`` (default: LATEST) file by file; return its manifest or raise :class:`SnapshotError`
         naming the first missing or corrupt file."""
-        name = name or self._require_latest()
+        name = self._require_latest() if name is None else name
         manifest = self.read_manifest(name)
         path = self.path_of(name)
         for required in (INDEX_FILE, IDS_FILE, LABELS_FILE):
@@ -315,7 +315,7 @@ class SnapshotStore:
 
     def open(self, name: str | None = None) -> Snapshot:
         """Verify and load ``name`` (default: the one ``LATEST`` names)."""
-        name = name or self._require_latest()
+        name = self._require_latest() if name is None else name
         manifest = self.verify(name)
         path = self.path_of(name)
         try:

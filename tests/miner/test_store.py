@@ -290,3 +290,11 @@ def test_failed_publish_leaves_nothing_behind(published, flat, tmp_path):
         store.publish(flat, extra_files={"model.pt2": tmp_path / "does-not-exist"})
     assert store.latest_name() == name and store.names() == [name]
     assert not list(store.root.glob(".tmp-*"))
+
+
+def test_empty_name_is_refused_not_taken_as_latest(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    store.publish(VectorIndex.build(np.eye(3, dtype=np.float32), np.array([0, 0, 1])))
+    for call in (store.open, store.verify):
+        with pytest.raises(ValidationError, match="invalid snapshot name"):
+            call("")
