@@ -88,6 +88,12 @@ def test_wrong_input_shape_is_refused(exported, shape):
         program.embed(np.zeros(shape, np.float32))
 
 
+def test_empty_batch_is_refused(exported):
+    program = load_model(exported[1], INPUT_SHAPE)
+    with pytest.raises(ValidationError, match="at least one item"):
+        program.embed(np.zeros((0, *INPUT_SHAPE), np.float32))
+
+
 def test_non_finite_input_is_refused(exported):
     program = load_model(exported[1], INPUT_SHAPE)
     x = np.zeros((2, *INPUT_SHAPE), np.float32)
