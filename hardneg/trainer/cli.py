@@ -1,0 +1,141 @@
+"""``hardneg train`` and ``hardneg eval``.
+
+Flags default to "not given" (argparse.SUPPRESS), so the config's precedence is exact: the dataclass's
+defaults, then ``--config FILE``, then only the flags actually typed. Torch is imported inside the
+commands so that other ``hardneg`` subcommands start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from hardneg.trainer.config import (
+    DEVICES, GLOBAL_STRATEGIES, INBATCH_STRATEGIES, INDEX_KINDS, LOSSES, MINING_MODES, POSITIVES, PROTOCOLS,
+    TrainConfig,
+)
+
+_REPORTED = (("precision_at_1", "P@1"), ("recall_at_1", "Recall@1"), ("recall_at_5", "Recall@5"),
+             ("recall_at_10", "Recall@10"), ("r_precision", "R-Precision"), ("map_at_r", "MAP@R"))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser(
+        "train", argument_default=argparse.SUPPRESS,
+        help="train an embedding model with periodic snapshots and hard-negative mining",
+        description="Train an embedding model. With no flags: the built-in digits, global mining, about a "
+                    "minute on a laptop CPU. Every option can also come from --config FILE (TOML, keys named "
+                    "like the options with underscores); flags given here override the file.")
+    _data_args(t)
+    t.add_argument("--model", metavar="MODULE:ATTR", help="your own nn.Module factory (called with input_shape "
+                   "and embedding_dim if it accepts them); default: a small CNN for images, an MLP for vectors")
+    t.add_argument("--loss", choices=LOSSES)
+    t.add_argument("--mining", choices=MINING_MODES, help="global: mine each refresh's snapshot (default); "
+                   "in-batch: batch-hard or semi-hard inside each batch; random: random triplets/pairs")
+    t.add_argument("--strategy", choices=sorted(set(GLOBAL_STRATEGIES + INBATCH_STRATEGIES)),
+                   help=f"global: {'|'.join(GLOBAL_STRATEGIES)}; in-batch: {'|'.join(INBATCH_STRATEGIES)} "
+                        "(default semihard for both)")
+    t.add_argument("--warmup", choices=("random", "in-batch"), help="what trains before the first snapshot")
+    t.add_argument("--warmup-epochs", type=int)
+    t.add_argument("--refresh-every", type=int, metavar="N", help="epochs between snapshots (and mining)")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--per-anchor", type=int, help="mined triplets per anchor")
+    t.add_argument("--positive", choices=POSITIVES)
+    t.add_argument("--positive-aware", type=float, metavar="FRACTION",
+                   help="drop negatives more similar than FRACTION x the positive's similarity")
+    t.add_argument("--near-duplicate", type=float, metavar="D2", help="drop negatives within d² D2 of the anchor")
+    t.add_argument("--window-skip", type=int, help="window strategy: nearest negatives skipped")
+    t.add_argument("--window-width", type=int, help="window strategy: negatives sampled from after the skip")
+    t.add_argument("--candidates", type=int, help="nearest wrong-label neighbours searched per anchor")
+    t.add_argument("--margin", type=float, help="margin m in squared-distance units")
+    t.add_argument("--embedding-dim", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--index", choices=INDEX_KINDS, help="the snapshot's FAISS index")
+    t.add_argument("--store", help="snapshot store folder (default ./store)")
+    t.add_argument("--run-dir", help="run folder (default runs/<timestamp>)")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--device", choices=DEVICES)
+    t.add_argument("--config", type=Path, metavar="FILE", help="TOML file of options")
+    t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt "
+                   "(only --epochs and --device may change)")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="retrieval metrics of a training checkpoint",
+                       description="Print P@1, Recall@K, R-Precision and MAP@R of a checkpoint's model on the "
+                                   "evaluation split of its run's data, or of --data.")
+    e.add_argument("--checkpoint", required=True, type=Path, help="a last.pt or best.pt")
+    _data_args(e, suppress=True)
+    e.add_argument("--split", choices=("eval", "train"), default="eval")
+    e.add_argument("--device", choices=DEVICES, default=argparse.SUPPRESS)
+    e.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    e.set_defaults(func=cmd_eval)
+
+
+def _data_args(p: argparse.ArgumentParser, suppress: bool = False) -> None:
+    kw: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
+    p.add_argument("--data", metavar="SOURCE", help="digits (default), npz:PATH, folder:PATH or module:attr", **kw)
+    p.add_argument("--eval-data", metavar="SOURCE", help="a separate evaluation set (then all of --data trains)",
+                   **kw)
+    p.add_argument("--protocol", choices=PROTOCOLS, help="how --data is split when --eval-data is not given", **kw)
+
+
+_NOT_CONFIG = ("func", "command", "verbose", "config", "resume", "checkpoint", "split", "json")
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The config values typed on the command line."""
+    return {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    given = _given(args)
+    resume = getattr(args, "resume", None)
+    if resume is not None and getattr(args, "config", None) is not None:
+        from hardneg.miner.errors import ValidationError
+
+        raise ValidationError("--config cannot be combined with --resume; the run's own config is used")
+    cfg = None if resume is not None else TrainConfig.from_sources(getattr(args, "config", None), given)
+    _deterministic(cfg.device if cfg is not None else given.get("device", "cpu"))
+    from hardneg.trainer.loop import Trainer
+
+    trainer = Trainer.resume(resume, given) if resume is not None else Trainer.create(cfg)
+    print(f"run folder: {trainer.run_dir}")
+    print(f"snapshot store: {trainer.cfg.store}")
+    summary = trainer.run()
+    print(f"\nfinished {trainer.cfg.epochs} epochs; newest snapshot {summary.snapshot} in {summary.store}")
+    print(f"{'metric':<12} {'untrained':>9} {'final':>9} {'best':>9}")
+    for key, label in _REPORTED:
+        if key in summary.final:
+            print(f"{label:<12} {summary.untrained[key]:>9.4f} {summary.final[key]:>9.4f} {summary.best[key]:>9.4f}")
+    print(f"best MAP@R at epoch {summary.best_epoch}")
+    print(f"run folder: {summary.run_dir}  (metrics.jsonl, last.pt, best.pt)")
+    print(f"snapshot store: {summary.store}")
+    print(f"plot: {summary.plot}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    _deterministic(getattr(args, "device", "cpu"))
+    from hardneg.trainer.evaluate import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, _given(args), split=args.split)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        for key, label in _REPORTED:
+            if key in metrics:
+                print(f"{label:<12} {metrics[key]:.4f}")
+    return 0
+
+
+def _deterministic(device: str) -> None:
+    """Make this process's torch ops reproducible (the CLI owns the process; the library sets no globals)."""
+    if device == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+    import torch
+
+    torch.use_deterministic_algorithms(True, warn_only=True)

@@ -1,0 +1,350 @@
+"""The training loop: warm-up, periodic snapshot refresh with global mining, evaluation, checkpoints.
+
+One epoch ``e`` (1-based) of :class:`Trainer`:
+
+1. if ``cfg.is_refresh_epoch(e)``: embed the training set, publish a snapshot, and (mining ``global``)
+   mine the tuples for epochs ``e .. e + refresh_every - 1`` from it (:mod:`hardneg.trainer.refresh`);
+2. train on the epoch's tuples (:func:`train_on_tuples`) or with in-batch mining (:func:`train_in_batch`);
+   before the first snapshot, global mining warms up on random tuples or in-batch mining;
+3. evaluate retrieval on the evaluation split, append a line to ``metrics.jsonl``, save ``last.pt``
+   (and ``best.pt`` when MAP@R improves), redraw ``plot.png``.
+
+Epoch 0 evaluates the untrained model. Every random choice of epoch ``e`` comes from a generator seeded by
+(seed, e), so a run resumed from ``last.pt`` draws what the uninterrupted run drew.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from hardneg.miner.errors import ValidationError
+from hardneg.miner.store import SnapshotStore
+from hardneg.trainer import tuples as tp
+from hardneg.trainer.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
+from hardneg.trainer.config import TrainConfig
+from hardneg.trainer.data import ArrayDataset, DataSplits, load_splits
+from hardneg.trainer.evaluate import evaluate
+from hardneg.trainer.inbatch import InBatchMiner, make_inbatch_miner
+from hardneg.trainer.losses import contrastive_loss, triplet_loss
+from hardneg.trainer.models import build_model
+from hardneg.trainer.plots import plot_history
+from hardneg.trainer.refresh import RefreshResult, SnapshotPublisher, mining_config, refresh, seed_for
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "plot.png"
+CONFIG_FILE = "config.json"
+_SHUFFLE, _RANDOM_TUPLES = 0, 1  # purposes of the per-epoch generators (2 is the miner's seed)
+
+
+# ------------------------------------------------------------------ epochs
+@dataclass
+class EpochStats:
+    """Running totals of one epoch: mean loss and the share of tuples with a non-zero loss."""
+
+    loss_sum: float = 0.0
+    tuples: int = 0
+    active: int = 0
+    steps: int = 0
+
+    def add(self, terms: torch.Tensor) -> None:
+        self.loss_sum += float(terms.detach().sum())
+        self.tuples += int(terms.numel())
+        self.active += int((terms.detach() > 0).sum())
+        self.steps += 1
+
+    @property
+    def loss(self) -> float | None:
+        return self.loss_sum / self.tuples if self.tuples else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tuples": self.tuples, "active_fraction": self.active / self.tuples if self.tuples else None,
+                "steps": self.steps}
+
+
+def tuple_loss_terms(model: nn.Module, x: torch.Tensor, batch: tp.TupleSet, margin: float) -> torch.Tensor:
+    """Per-tuple loss terms (m,) of a batch of triplets (triplet loss) or pairs (contrastive loss)."""
+    dev = x.device
+    if batch.kind == "triplet":
+        idx = torch.from_numpy(np.concatenate([batch.first, batch.second, batch.third])).to(dev)
+        a, p, n = model(x[idx]).chunk(3)
+        return triplet_loss(a, p, n, margin, reduction="none")
+    idx = torch.from_numpy(np.concatenate([batch.first, batch.second])).to(dev)
+    e1, e2 = model(x[idx]).chunk(2)
+    return contrastive_loss(e1, e2, torch.from_numpy(batch.third).to(dev), margin, reduction="none")
+
+
+def inbatch_loss_terms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, miner: InBatchMiner, loss: str,
+                       margin: float) -> torch.Tensor:
+    """Embed a batch of items ``x`` (B, ...) with labels ``y`` (B,), mine triplets inside it, return loss terms."""
+    emb = model(x)
+    a, p, n = miner(emb, y)
+    if loss == "triplet":
+        return triplet_loss(emb[a], emb[p], emb[n], margin, reduction="none")
+    first, second = torch.cat([a, a]), torch.cat([p, n])
+    target = torch.cat([torch.zeros_like(a), torch.ones_like(a)])
+    return contrastive_loss(emb[first], emb[second], target, margin, reduction="none")
+
+
+def _batches(n: int, batch_size: int, rng: np.random.Generator, desc: str) -> Iterator[np.ndarray]:
+    """A seeded permutation of range(n) in batches, with a progress bar on a terminal only."""
+    perm = rng.permutation(n)
+    starts = range(0, n, batch_size)
+    for s in tqdm(starts, desc=desc, leave=False, disable=not sys.stderr.isatty()):
+        yield perm[s:s + batch_size]
+
+
+def _step(optimizer: torch.optim.Optimizer, terms: torch.Tensor, stats: EpochStats) -> None:
+    if terms.numel() == 0:
+        return  # nothing mined in this batch: no gradient to follow
+    optimizer.zero_grad(set_to_none=True)
+    terms.mean().backward()
+    optimizer.step()
+    stats.add(terms)
+
+
+def train_on_tuples(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, tuples: tp.TupleSet,
+                    cfg: TrainConfig, rng: np.random.Generator, desc: str) -> EpochStats:
+    """One pass over ``tuples`` (indices into ``x``) in shuffled batches of ``cfg.batch_size``."""
+    stats = EpochStats()
+    model.train()
+    for sel in _batches(len(tuples), cfg.batch_size, rng, desc):
+        _step(optimizer, tuple_loss_terms(model, x, tuples.take(sel), cfg.margin), stats)
+    return stats
+
+
+def train_in_batch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                   miner: InBatchMiner, cfg: TrainConfig, rng: np.random.Generator, desc: str) -> EpochStats:
+    """One pass over the items ``x`` (n, ...) in shuffled batches, mining triplets inside each batch."""
+    stats = EpochStats()
+    model.train()
+    for sel in _batches(len(x), cfg.batch_size, rng, desc):
+        idx = torch.from_numpy(sel).to(x.device)
+        _step(optimizer, inbatch_loss_terms(model, x[idx], y[idx], miner, cfg.loss, cfg.margin), stats)
+    return stats
+
+
+# ------------------------------------------------------------------- state
+@dataclass
+class RunState:
+    """What a checkpoint restores: progress, the current mined tuples, the metrics history."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    history: list[dict[str, Any]] = field(default_factory=list)
+    mined: tp.TupleSet | None = None  # global mining: the tuples of the current refresh window
+    snapshot: str | None = None  # the newest snapshot this run published
+    snapshot_epoch: int | None = None  # the epoch whose model that snapshot holds
+    best_map_at_r: float = -math.inf
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_dir: Path
+    store: Path
+    plot: Path
+    snapshot: str | None
+    untrained: dict[str, float]
+    final: dict[str, float]
+    best: dict[str, float]
+    best_epoch: int
+
+
+class Trainer:
+    """Trains ``cfg``'s model on ``splits``; see the module docstring for the schedule.
+
+    Build with :meth:`create` (a new run) or :meth:`resume` (continue from ``RUN_DIR/last.pt``).
+    """
+
+    def __init__(self, cfg: TrainConfig, splits: DataSplits, run_dir: Path, state: RunState | None = None,
+                 checkpoint: dict[str, Any] | None = None) -> None:
+        self.cfg = cfg
+        self.splits = splits
+        self.run_dir = run_dir
+        self.state = state or RunState()
+        self.device = torch.device(cfg.device)
+        torch.manual_seed(cfg.seed)  # the model's initial weights
+        self.model, self.model_spec = build_model(cfg, splits.train.input_shape)
+        self.model.to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                          foreach=True)  # one fused update for all tensors: ~10x fewer kernel calls
+        if checkpoint is not None:
+            self.model.load_state_dict(checkpoint["model"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            torch.set_rng_state(checkpoint["rng"])
+        self.store = SnapshotStore(cfg.store, keep=cfg.keep_snapshots)
+        self.publisher = SnapshotPublisher(self.store, cfg, self.model_spec)
+        self.x_train, self.y_train = self._to_device(splits.train)
+        self.x_eval, _ = self._to_device(splits.eval)
+        self.inbatch = make_inbatch_miner(cfg.resolved_strategy, cfg.margin) if cfg.mining == "in-batch" else None
+        self.warmup_inbatch = make_inbatch_miner(cfg.warmup_strategy, cfg.margin)
+        if cfg.mining == "global":
+            mining_config(cfg)  # the miner validates its options now, before any training
+
+    # ----------------------------------------------------------- building
+    @classmethod
+    def create(cls, cfg: TrainConfig) -> Trainer:
+        """A new run in ``cfg.run_dir`` (default ``runs/<timestamp>``), which must not hold a run yet."""
+        _check_device(cfg.device)
+        splits = load_splits(cfg)
+        run_dir = Path(cfg.run_dir) if cfg.run_dir else _new_run_dir(Path("runs"))
+        if (run_dir / LAST).exists():
+            raise ValidationError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose "
+                                  f"another --run-dir")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg = cfg.replace(run_dir=str(run_dir))
+        (run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        log.info("data: %s", splits.description)
+        return cls(cfg, splits, run_dir)
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, changes: dict[str, Any] | None = None) -> Trainer:
+        """Continue the run in ``run_dir`` from its ``last.pt``; ``changes`` may raise ``epochs`` or set ``device``."""
+        run_dir = Path(run_dir)
+        ckpt = load_checkpoint(run_dir / LAST)
+        cfg = TrainConfig.from_dict(ckpt["config"])
+        changes = {k: v for k, v in (changes or {}).items() if getattr(cfg, k) != v}
+        fixed = sorted(set(changes) - {"epochs", "device"})
+        if fixed:
+            raise ValidationError(f"cannot change {', '.join(fixed)} when resuming {run_dir}; only epochs and "
+                                  f"device may change (the run's config is in {run_dir / CONFIG_FILE})")
+        cfg = cfg.replace(**changes)
+        if cfg.epochs < ckpt["epoch"]:
+            raise ValidationError(f"epochs must be at least {ckpt['epoch']} (the epochs {run_dir} has done), "
+                                  f"got {cfg.epochs}")
+        _check_device(cfg.device)
+        state = RunState(epoch=ckpt["epoch"], step=ckpt["step"], history=list(ckpt["history"]),
+                         mined=tp.TupleSet.from_state(ckpt["mined"]) if ckpt["mined"] is not None else None,
+                         snapshot=ckpt["snapshot"], snapshot_epoch=ckpt["snapshot_epoch"],
+                         best_map_at_r=ckpt["best_map_at_r"])
+        log.info("resuming %s after epoch %d of %d", run_dir, state.epoch, cfg.epochs)
+        return cls(cfg, load_splits(cfg), run_dir, state, ckpt)
+
+    def _to_device(self, ds: ArrayDataset) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(ds.x).to(self.device), torch.from_numpy(ds.y).to(self.device)
+
+    # ---------------------------------------------------------------- run
+    def run(self) -> RunSummary:
+        """Train until ``cfg.epochs``; publish the final model; return where everything is and the metrics."""
+        started = time.monotonic() - (self.state.history[-1]["elapsed_s"] if self.state.history else 0.0)
+        self._rewrite_metrics_file()
+        if not self.state.history:
+            self._finish_epoch(None, None, started)  # epoch 0: the untrained model
+        for epoch in range(self.state.epoch + 1, self.cfg.epochs + 1):
+            result = self._refresh(epoch) if self.cfg.is_refresh_epoch(epoch) else None
+            stats = self._train_epoch(epoch)
+            self._finish_epoch(stats, result, started)
+        if self.state.snapshot_epoch != self.state.epoch:
+            self._refresh(None)
+            self._save(LAST)
+        return self._summary()
+
+    def _refresh(self, epoch: int | None) -> RefreshResult:
+        """Publish the current model's embeddings (before ``epoch``, or the final one), mining for global runs."""
+        done = self.state.epoch
+        meta = {"epoch": done, "step": self.state.step, "metrics": self.state.history[-1]["metrics"],
+                "reason": "final" if epoch is None else "refresh", "run_dir": str(self.run_dir)}
+        mine_for = epoch if self.cfg.mining == "global" and epoch is not None else None
+        result = refresh(self.model, self.x_train, self.splits.train.y, self.publisher, meta, mine_for)
+        self.state.snapshot, self.state.snapshot_epoch = result.snapshot, done
+        if result.tuples is not None:
+            self.state.mined = result.tuples
+        return result
+
+    def _train_epoch(self, epoch: int) -> EpochStats:
+        cfg = self.cfg
+        rng = np.random.default_rng(seed_for(cfg.seed, epoch, _SHUFFLE))
+        desc = f"epoch {epoch}/{cfg.epochs}"
+        warming = cfg.mining == "global" and self.state.mined is None
+        if cfg.mining == "in-batch" or (warming and cfg.warmup == "in-batch"):
+            miner = self.inbatch if cfg.mining == "in-batch" else self.warmup_inbatch
+            assert miner is not None
+            stats = train_in_batch(self.model, self.optimizer, self.x_train, self.y_train, miner, cfg, rng, desc)
+        else:
+            tuples = self.state.mined if not warming and cfg.mining == "global" else self._random_tuples(epoch)
+            if len(tuples) == 0:
+                log.warning("epoch %d: the miner found no tuples; training on random ones instead", epoch)
+                tuples = self._random_tuples(epoch)
+            stats = train_on_tuples(self.model, self.optimizer, self.x_train, tuples, cfg, rng, desc)
+        self.state.step += stats.steps
+        self.state.epoch = epoch
+        return stats
+
+    def _random_tuples(self, epoch: int) -> tp.TupleSet:
+        rng = np.random.default_rng(seed_for(self.cfg.seed, epoch, _RANDOM_TUPLES))
+        return tp.for_loss(tp.random_triplets(self.splits.train.y, rng), self.cfg.loss)
+
+    def _finish_epoch(self, stats: EpochStats | None, result: RefreshResult | None, started: float) -> None:
+        """Evaluate, record, checkpoint and plot the epoch just completed (epoch 0: untrained)."""
+        metrics = evaluate(self.model, self.x_eval, self.splits.eval.y, self.cfg.eval_batch_size)
+        record = {
+            "epoch": self.state.epoch, "step": self.state.step,
+            "loss": stats.loss if stats is not None else None,
+            "metrics": metrics,
+            "train": stats.to_dict() if stats is not None else None,
+            "snapshot": result.snapshot if result is not None else None,
+            "mining": result.stats if result is not None else None,
+            "elapsed_s": round(time.monotonic() - started, 3),
+        }
+        self.state.history.append(record)
+        with open(self.run_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if metrics["map_at_r"] > self.state.best_map_at_r:
+            self.state.best_map_at_r = metrics["map_at_r"]
+            self._save(BEST)  # before last.pt: a kill in between redoes this epoch and saves best.pt again
+        self._save(LAST)
+        plot_history(self.state.history, self.run_dir / PLOT_FILE)
+        loss = "-" if record["loss"] is None else f"{record['loss']:.4f}"
+        log.info("epoch %d/%d: loss %s, MAP@R %.4f, P@1 %.4f (%.1f s)", self.state.epoch, self.cfg.epochs, loss,
+                 metrics["map_at_r"], metrics["precision_at_1"], record["elapsed_s"])
+
+    def _save(self, name: str) -> None:
+        s = self.state
+        save_checkpoint(self.run_dir / name, {
+            "config": self.cfg.to_dict(), "model_spec": self.model_spec, "epoch": s.epoch, "step": s.step,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
+            "mined": s.mined.to_state() if s.mined is not None else None,
+            "snapshot": s.snapshot, "snapshot_epoch": s.snapshot_epoch,
+            "history": s.history, "best_map_at_r": s.best_map_at_r,
+        })
+
+    def _rewrite_metrics_file(self) -> None:
+        """metrics.jsonl holds exactly the checkpoint's history (a killed run may have written one line more)."""
+        with open(self.run_dir / METRICS_FILE, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.state.history)
+
+    def _summary(self) -> RunSummary:
+        h = self.state.history
+        best = max(h, key=lambda r: r["metrics"]["map_at_r"])
+        return RunSummary(self.run_dir, Path(self.cfg.store), self.run_dir / PLOT_FILE, self.state.snapshot,
+                          h[0]["metrics"], h[-1]["metrics"], best["metrics"], best["epoch"])
+
+
+def _check_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValidationError("device 'cuda' was asked for but no CUDA device is available; use --device cpu")
+
+
+def _new_run_dir(parent: Path) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir, n = parent / stamp, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = parent / f"{stamp}-{n}"
+    return run_dir

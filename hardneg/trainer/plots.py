@@ -1,0 +1,37 @@
+"""The run's PNG plot: training loss and retrieval metrics over epochs (matplotlib, headless Agg backend)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+PLOTTED_METRICS = {"precision_at_1": "P@1", "recall_at_5": "Recall@5", "r_precision": "R-Precision",
+                   "map_at_r": "MAP@R"}
+
+
+def plot_history(history: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
+    """Draw ``history`` (one record per epoch, as in metrics.jsonl) to ``path``: loss left, metrics right."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_metrics) = plt.subplots(1, 2, figsize=(10, 4))
+    trained = [r for r in history if r.get("loss") is not None]
+    ax_loss.plot([r["epoch"] for r in trained], [r["loss"] for r in trained], marker="o")
+    for r in history:  # a new snapshot (and, with global mining, new tuples) before this epoch
+        if r.get("snapshot") is not None:
+            ax_loss.axvline(r["epoch"], color="grey", alpha=0.3, linestyle="--")
+    ax_loss.set(title="training loss (dashed: snapshot refresh)", xlabel="epoch", ylabel="mean loss")
+    for key, label in PLOTTED_METRICS.items():
+        points = [(r["epoch"], r["metrics"][key]) for r in history if key in r.get("metrics", {})]
+        if points:
+            ax_metrics.plot(*zip(*points), marker="o", label=label)
+    ax_metrics.set(title="retrieval on the evaluation split (epoch 0: untrained)", xlabel="epoch", ylim=(0, 1))
+    ax_metrics.legend(loc="lower right")
+    for ax in (ax_loss, ax_metrics):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
