@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
-import faiss
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
@@ -41,8 +40,6 @@ _STATUS = ((ValidationError, 400), (NotFoundError, 404), (SnapshotError, 409), (
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    # Process-wide by nature (OpenMP); set once here so lanes x threads fits the cores.
-    faiss.omp_set_num_threads(settings.faiss_threads)
     reloader: Reloader = app.state.reloader
     log.info("hardneg api: store %s, %d search lanes x %d FAISS threads, polling every %.2f s",
              settings.store, settings.search_lanes, settings.faiss_threads, settings.poll_seconds)
@@ -67,7 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = ApiMetrics()
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.lanes = SearchLanes(settings.search_lanes)
+    app.state.lanes = SearchLanes(settings.search_lanes, settings.faiss_threads)
     app.state.snapshots = SnapshotState(SnapshotStore(settings.store), settings.pin_cache, settings.faiss_threads)
     app.state.reloader = Reloader(app.state.snapshots, metrics, settings.poll_seconds, settings.retry_seconds)
 

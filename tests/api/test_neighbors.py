@@ -10,6 +10,8 @@ import pytest
 
 from api_support import ApiStore, Published, embed
 
+from hardneg.api.schemas import NeighborsResponse
+
 NEAREST3 = "nearest3"  # placeholder: the 3 stored ids nearest to query 0, so that excluding them changes the answer
 
 CASES = [
@@ -86,6 +88,7 @@ def test_neighbors_match_brute_force(client, api_store: ApiStore, knn_reference,
     r = client.post("/neighbors", json=body)
     assert r.status_code == 200, r.text
     got = r.json()
+    NeighborsResponse.model_validate(got)  # the documented response model, field for field
     assert got["snapshot"] == name
     d2 = reference_distances(p.vectors, queries, p.metric, admissible(p, qlabels, opts, self_ids))
     assert_knn_matches(as_hits(got), d2, p.ids, p.labels, opts.get("k", 10))

@@ -4,22 +4,24 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Response
 
 from hardneg.api.deps import LanesDep, SettingsDep, StateDep
 from hardneg.api.routes.errors import error_responses
+from hardneg.api.routing import FastJSONRoute
 from hardneg.api.schemas import NeighborsRequest, NeighborsResponse, SearchOptions
 from hardneg.api.search import check_request, search_neighbors
 
-router = APIRouter(tags=["search"], responses=error_responses(400, 401, 404, 409, 413, 503))
+router = APIRouter(tags=["search"], responses=error_responses(400, 401, 404, 409, 413, 503), route_class=FastJSONRoute)
 
 
 @router.post("/neighbors", response_model=NeighborsResponse, summary="Neighbours of a batch of queries")
-async def post_neighbors(body: NeighborsRequest, settings: SettingsDep, state: StateDep, lanes: LanesDep) -> dict:
+async def post_neighbors(body: NeighborsRequest, settings: SettingsDep, state: StateDep, lanes: LanesDep) -> Response:
     """The ``k`` nearest admissible stored items of each query, nearest first, with squared Euclidean distances."""
     check_request(body, settings)
     snap = await state.resolve(body.snapshot)  # grabbed once: a reload meanwhile does not touch this request
-    return await lanes.run(search_neighbors, snap, body)
+    # response_model documents the body; search_neighbors has already encoded it (see its docstring).
+    return Response(await lanes.run(search_neighbors, snap, body), media_type="application/json")
 
 
 @router.get("/neighbors/{item_id}", response_model=NeighborsResponse, summary="Neighbours of one stored item")
@@ -29,7 +31,7 @@ async def get_neighbors(
     settings: SettingsDep,
     state: StateDep,
     lanes: LanesDep,
-) -> dict:
+) -> Response:
     """The same as ``POST /neighbors`` with ``ids=[item_id]``; list options repeat (``?label_in=1&label_in=2``)."""
     body = NeighborsRequest(ids=[item_id], **options.model_dump())
     return await post_neighbors(body, settings, state, lanes)
