@@ -7,7 +7,7 @@ is accepted; the models only check the JSON's shape (422).
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Union  # noqa: F401 - named in the NestedFloats alias below, resolved by pydantic
 
 from pydantic import BaseModel, ConfigDict, Field
 from typing_extensions import TypeAliasType

@@ -93,11 +93,13 @@ class SnapshotState:
         return snap
 
     def swap(self, snap: ServedSnapshot) -> ServedSnapshot | None:
-        """Serve ``snap`` from now on; return the previous snapshot (kept in the pin cache)."""
+        """Serve ``snap`` from now on; return the previous snapshot.
+
+        The previous one is not kept loaded: requests still using it hold their own reference, and keeping
+        it for possible pins would multiply the service's memory by the pin cache size on every publish.
+        """
         old, self.current = self.current, snap
         self._pinned.pop(snap.name, None)
-        if old is not None:
-            self._remember(old)
         return old
 
     async def resolve(self, name: str | None) -> ServedSnapshot:

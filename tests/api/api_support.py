@@ -20,7 +20,7 @@ from starlette.exceptions import StarletteDeprecationWarning
 with warnings.catch_warnings():
     # Starlette asks for the httpx2 package, which hardneg does not depend on; the TestClient works as it is.
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
-    from fastapi.testclient import TestClient
+    from fastapi.testclient import TestClient  # noqa: F401 - re-exported for the test modules
 API_KEY = "test-key-7f3a"
 LIMITS = {"max_k": 50, "max_batch": 64, "max_body_bytes": 65536}
 INPUT_SHAPE = (2, 3)

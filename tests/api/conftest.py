@@ -8,6 +8,7 @@ and ``model-1`` (l2, flat, with an exported ``Linear`` model so raw ``inputs`` c
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -50,7 +51,7 @@ def api_store(tmp_path_factory: pytest.TempPathFactory, clusters) -> ApiStore:
 
 @pytest.fixture(scope="session")
 def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ApiServer]]:
-    """Factory: ``start_server(store, env={...}, *flags)`` returns a live :class:`ApiServer`; all are stopped at the end."""
+    """Factory: ``start_server(store, env, *flags)`` returns a live :class:`ApiServer`; all stop at the end."""
     servers: list[ApiServer] = []
 
     def start(store: Path, env: dict[str, str] | None = None, *flags: str) -> ApiServer:

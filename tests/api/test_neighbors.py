@@ -70,15 +70,18 @@ def as_hits(body: dict) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
              np.array([h["distance"] for h in r], dtype=np.float64)) for r in body["results"]]
 
 
-@pytest.mark.parametrize(("name", "form", "options"), CASES, ids=[f"{n}-{f}-{'-'.join(o) or 'plain'}"
-                                                                   for n, f, o in CASES])
+CASE_IDS = [f"{n}-{f}-{'-'.join(o) or 'plain'}" for n, f, o in CASES]
+
+
+@pytest.mark.parametrize(("name", "form", "options"), CASES, ids=CASE_IDS)
 def test_neighbors_match_brute_force(client, api_store: ApiStore, knn_reference, name, form, options) -> None:
     reference_distances, assert_knn_matches = knn_reference
     p = api_store.snapshots[name]
     fields, queries, qlabels, self_ids = make_queries(p, form, seed=len(name) * 31 + len(form))
     opts = dict(options)
     if opts.get("exclude_ids") == NEAREST3:
-        d0 = reference_distances(p.vectors, queries[:1], p.metric, admissible(p, qlabels[:1], {}, None if self_ids is None else self_ids[:1]))
+        first_self = None if self_ids is None else self_ids[:1]
+        d0 = reference_distances(p.vectors, queries[:1], p.metric, admissible(p, qlabels[:1], {}, first_self))
         opts["exclude_ids"] = p.ids[np.argsort(d0[0])[:3]].tolist()
     body = {**fields, **opts}
     if opts.get("different_label") and form != "ids":

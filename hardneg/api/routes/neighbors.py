@@ -12,7 +12,8 @@ from hardneg.api.routing import FastJSONRoute
 from hardneg.api.schemas import NeighborsRequest, NeighborsResponse, SearchOptions
 from hardneg.api.search import check_request, search_neighbors
 
-router = APIRouter(tags=["search"], responses=error_responses(400, 401, 404, 409, 413, 503), route_class=FastJSONRoute)
+router = APIRouter(tags=["search"], responses=error_responses(400, 401, 404, 409, 413, 503),
+                   route_class=FastJSONRoute)
 
 
 @router.post("/neighbors", response_model=NeighborsResponse, summary="Neighbours of a batch of queries")
