@@ -79,7 +79,8 @@ def test_unknown_ids_and_snapshots_are_404(client: httpx.Client, api_store: ApiS
 
 
 def test_oversized_bodies_are_413_before_parsing(http_client: httpx.Client, asgi_client) -> None:
-    too_big = b'{"vectors": [[' + b"0," * LIMITS["max_body_bytes"] + b"0]]}"
+    too_big = b'{"vectors": [[' + b"0," * (LIMITS["max_body_bytes"] // 2) + b"0]]}"  # just over the limit
+    assert len(too_big) > LIMITS["max_body_bytes"]
     for c in (http_client, asgi_client):
         r = c.post("/neighbors", content=too_big, headers={"content-type": "application/json"})
         assert r.status_code == 413, r.text
