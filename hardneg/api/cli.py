@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--workers", type=int, help="uvicorn worker processes, each with its own snapshot copy (default 1)")
-    s.add_argument("--lanes", dest="search_lanes", type=int, help="searches run at once per worker (default: cores)")
+    s.add_argument("--lanes", dest="search_lanes", type=int, metavar="N", help="searches run at once per worker (default: cores)")
     s.add_argument("--omp-threads", type=int, help="FAISS threads per search (default: cores // (lanes x workers))")
     s.add_argument("--max-k", type=int, help="largest k accepted (default 1000)")
     s.add_argument("--max-batch", type=int, help="most queries per request (default 1024)")

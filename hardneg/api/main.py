@@ -11,7 +11,7 @@ Run it with ``hardneg serve --store DIR`` or
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import anyio
@@ -82,7 +82,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _error_handler(code: int):
+def _error_handler(code: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+    """An exception handler answering ``code`` with ``{"detail": message}``."""
+
     async def handler(request: Request, exc: Exception) -> JSONResponse:
         headers = {"Retry-After": "1"} if code == 503 else None
         return JSONResponse({"detail": str(exc)}, status_code=code, headers=headers)
