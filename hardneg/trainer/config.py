@@ -90,13 +90,13 @@ class TrainConfig:
         values: dict[str, Any] = {}
         if toml_path is not None:
             values.update(read_toml(toml_path))
-        values.update(_normalise_keys(overrides or {}, "command-line option"))
+        values.update(_normalise_keys(overrides or {}, "on the command line"))
         return cls.from_dict(values)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
         """Build from a mapping of field names to values (checked by type), then validate."""
-        values = _normalise_keys(values, "config key")
+        values = _normalise_keys(values, "in the config")
         hints = get_type_hints(cls)
         kwargs = {name: _coerce(name, value, hints[name]) for name, value in values.items()}
         cfg = cls(**kwargs)
@@ -189,16 +189,16 @@ def read_toml(path: str | os.PathLike) -> dict[str, Any]:
         raise ValidationError(f"config file {p} is not valid TOML: {e}") from None
     if set(doc) == {"train"} and isinstance(doc["train"], dict):
         doc = doc["train"]
-    return _normalise_keys(doc, f"key in {p}")
+    return _normalise_keys(doc, f"in {p}")
 
 
-def _normalise_keys(values: Mapping[str, Any], what: str) -> dict[str, Any]:
+def _normalise_keys(values: Mapping[str, Any], where: str) -> dict[str, Any]:
     names = {f.name for f in fields(TrainConfig)}
     out = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
         if name not in names:
-            raise ValidationError(f"unknown {what} {key!r}; accepted: {', '.join(sorted(names))}")
+            raise ValidationError(f"unknown option {key!r} {where}; accepted: {', '.join(sorted(names))}")
         out[name] = value
     return out
 

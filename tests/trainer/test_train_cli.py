@@ -1,0 +1,222 @@
+"""``hardneg train`` and ``hardneg eval`` end to end, as real processes, on the built-in digits.
+
+Small runs (3 epochs, a refresh every epoch) shared by several tests through module-scoped fixtures.
+References: the untrained model's metrics (epoch 0), an uninterrupted run with the same seed (for
+determinism and resume), and the training split embedded again from the snapshot's model.pt2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hardneg.miner.model_io import load_model
+from hardneg.miner.store import SnapshotStore
+from hardneg.trainer.config import TrainConfig
+from hardneg.trainer.data import load_splits
+from hardneg.trainer.models import build_model_from_spec
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["--epochs", "3", "--refresh-every", "1", "--seed", "7"]
+# One OpenMP thread per training process: the test machine's cores are shared with other processes, and
+# oversubscribed OpenMP barriers make a 15 ms step take 500 ms. Results are deterministic at any thread count.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+METRIC_KEYS = {"precision_at_1", "recall_at_1", "recall_at_5", "recall_at_10", "r_precision", "map_at_r"}
+
+
+def hardneg(*args: str, cwd: Path, script: str | None = None) -> subprocess.CompletedProcess:
+    """Run ``hardneg ARGS`` (or ``script`` with ARGS as its argv) in ``cwd``; output captured."""
+    cmd = [sys.executable, "-c", script, *args] if script else [sys.executable, "-m", "hardneg.cli", *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=240, env=ENV)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def results(run_dir: Path) -> list[tuple]:
+    """What must be reproducible: per epoch, the step count, loss, metrics and training counts."""
+    return [(r["epoch"], r["step"], r["loss"], r["metrics"], r["train"]) for r in history(run_dir)]
+
+
+@dataclass
+class Run:
+    run_dir: Path
+    store: Path
+    stdout: str
+    seen_snapshots_while_training: set[str]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("train_cli")
+
+
+@pytest.fixture(scope="module")
+def global_run(work: Path) -> Run:
+    """The default mode (global mining), watched while it runs: which snapshots exist before it finishes."""
+    cmd = [sys.executable, "-m", "hardneg.cli", "train", *SMALL, "--run-dir", "a", "--store", "store_a"]
+    proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    seen: set[str] = set()
+    metrics = work / "a" / "metrics.jsonl"
+    while proc.poll() is None:
+        lines = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+        if lines < 4:  # training not finished: epochs 0..3 not all evaluated yet
+            seen.update(SnapshotStore(work / "store_a").names())
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    ok(subprocess.CompletedProcess(cmd, proc.returncode, out, err))
+    return Run(work / "a", work / "store_a", out, seen)
+
+
+def test_global_run_publishes_a_snapshot_per_refresh_while_training(global_run: Run) -> None:
+    store = SnapshotStore(global_run.store)
+    names = store.names()
+    # warm-up epoch 1, refreshes before epochs 2 and 3 (models of epochs 1, 2), then the final model (epoch 3)
+    assert len(names) == 3
+    manifests = [store.verify(n) for n in names]
+    assert [m["meta"]["epoch"] for m in manifests] == [1, 2, 3]
+    assert [m["meta"]["reason"] for m in manifests] == ["refresh", "refresh", "final"]
+    hist = history(global_run.run_dir)
+    for m in manifests:
+        assert m["meta"]["config"] == TrainConfig.from_dict(m["meta"]["config"]).to_dict()
+        assert m["meta"]["config"]["epochs"] == 3 and m["meta"]["config"]["mining"] == "global"
+        assert m["meta"]["metrics"] == hist[m["meta"]["epoch"]]["metrics"]  # the latest eval at publish time
+        assert m["model"]["input_shape"] == [1, 8, 8] and m["model"]["embedding_dim"] == 64
+        assert m["model"]["class"] == "hardneg.trainer.models.EmbeddingCNN"
+        assert m["count"] == 1347 and "model.pt2" in m["files"]
+    assert [r["snapshot"] for r in hist] == [None, None, names[0], names[1]]
+    assert set(names[:2]) <= global_run.seen_snapshots_while_training
+    assert store.latest_name() == names[-1]
+
+
+def test_global_run_learns_and_writes_metrics_and_plot(global_run: Run) -> None:
+    hist = history(global_run.run_dir)
+    assert [r["epoch"] for r in hist] == [0, 1, 2, 3]
+    assert hist[0]["loss"] is None and hist[0]["step"] == 0
+    steps = [r["step"] for r in hist]
+    assert steps == sorted(steps) and steps[1] == 11  # ceil(1347 / 128) batches per epoch
+    for r in hist:
+        assert set(r["metrics"]) >= METRIC_KEYS and all(0.0 <= r["metrics"][k] <= 1.0 for k in METRIC_KEYS)
+    for r in hist[1:]:
+        assert r["loss"] > 0 and r["train"]["tuples"] == 1347  # one triplet per training item
+    for r in hist[2:]:  # mined from a snapshot: the miner's statistics are recorded
+        assert r["mining"] is not None and r["mining"]
+    assert hist[-1]["metrics"]["map_at_r"] > hist[0]["metrics"]["map_at_r"] + 0.1
+    with Image.open(global_run.run_dir / "plot.png") as im:
+        assert im.format == "PNG" and im.size[0] > im.size[1] > 100
+    assert f"plot: {Path('a') / 'plot.png'}" in global_run.stdout
+    assert "snapshot store: store_a" in global_run.stdout and "MAP@R" in global_run.stdout
+
+
+def test_snapshot_model_embeds_like_the_index(global_run: Run) -> None:
+    snap = SnapshotStore(global_run.store).open()
+    cfg = TrainConfig.from_dict(snap.manifest["meta"]["config"])
+    train = load_splits(cfg).train
+    exported = load_model(snap.model_path, snap.manifest["model"]["input_shape"])
+    ids = np.arange(len(train))
+    np.testing.assert_allclose(exported.embed(train.x), snap.index.vectors_of(ids), atol=1e-5)
+    # ...and the final snapshot holds the final checkpoint's model.
+    ckpt = torch.load(global_run.run_dir / "last.pt", weights_only=True)
+    model = build_model_from_spec(ckpt["model_spec"])
+    model.load_state_dict(ckpt["model"])
+    with torch.no_grad():
+        np.testing.assert_allclose(model.eval()(torch.from_numpy(train.x[:50])).numpy(),
+                                   snap.index.vectors_of(ids[:50]), atol=1e-5)
+
+
+def test_same_seed_same_results(global_run: Run, work: Path) -> None:
+    ok(hardneg("train", *SMALL, "--run-dir", "a2", "--store", "store_a2", cwd=work))
+    assert results(work / "a2") == results(global_run.run_dir)
+
+
+def test_eval_prints_the_checkpoint_metrics(global_run: Run, work: Path) -> None:
+    proc = ok(hardneg("eval", "--checkpoint", str(global_run.run_dir / "best.pt"), "--json", cwd=work))
+    metrics = json.loads(proc.stdout)
+    best = max(history(global_run.run_dir), key=lambda r: r["metrics"]["map_at_r"])
+    assert {k: metrics[k] for k in METRIC_KEYS} == {k: best["metrics"][k] for k in METRIC_KEYS}
+
+
+KILLER = textwrap.dedent('''
+    """hardneg train, SIGKILLed by itself after two optimizer steps of epoch 3."""
+    import os, signal, sys
+    import hardneg.trainer.loop as loop
+
+    train_epoch, step = loop.Trainer._train_epoch, loop._step
+    def killing_step(*args):
+        step(*args)
+        killing_step.calls += 1
+        if killing_step.calls == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+    killing_step.calls = 0
+    def patched(self, epoch):
+        if epoch == 3:
+            loop._step = killing_step
+        return train_epoch(self, epoch)
+    loop.Trainer._train_epoch = patched
+    from hardneg.cli import main
+    sys.exit(main(sys.argv[1:]))
+''')
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(global_run: Run, work: Path) -> None:
+    killed = hardneg("train", *SMALL, "--run-dir", "b", "--store", "store_b", cwd=work, script=KILLER)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert torch.load(work / "b" / "last.pt", weights_only=True)["epoch"] == 2
+    assert len(SnapshotStore(work / "store_b").names()) == 2  # the refresh before epoch 3 had published
+    proc = ok(hardneg("train", "--resume", "b", cwd=work))
+    assert "resuming" in proc.stderr
+    assert results(work / "b") == results(global_run.run_dir)
+
+
+def test_resume_refuses_changed_options(global_run: Run, work: Path) -> None:
+    proc = hardneg("train", "--resume", str(global_run.run_dir), "--lr", "0.5", cwd=work)
+    assert proc.returncode == 2 and "cannot change lr when resuming" in proc.stderr
+
+
+@pytest.mark.parametrize("mode, extra, tuples_per_epoch", [
+    ("in-batch", ["--strategy", "batch-hard"], None),
+    ("random", ["--loss", "contrastive"], 2 * 1347),  # each random triplet gives a similar and a dissimilar pair
+])
+def test_baseline_mining_modes_train_end_to_end(work: Path, mode: str, extra: list[str],
+                                                 tuples_per_epoch: int | None) -> None:
+    cwd = work / mode
+    cwd.mkdir()
+    proc = ok(hardneg("train", *SMALL, "--mining", mode, *extra, cwd=cwd))  # default store and run folder
+    runs = list((cwd / "runs").iterdir())
+    assert len(runs) == 1 and f"run folder: {Path('runs') / runs[0].name}" in proc.stdout
+    hist = history(runs[0])
+    assert [r["epoch"] for r in hist] == [0, 1, 2, 3]
+    assert hist[-1]["metrics"]["map_at_r"] > hist[0]["metrics"]["map_at_r"]
+    assert all(r["mining"] is None for r in hist)  # no global miner in these modes
+    if tuples_per_epoch is not None:
+        assert all(r["train"]["tuples"] == tuples_per_epoch for r in hist[1:])
+    manifests = [SnapshotStore(cwd / "store").verify(n) for n in SnapshotStore(cwd / "store").names()]
+    assert [m["meta"]["epoch"] for m in manifests] == [1, 2, 3]
+    assert all(m["meta"]["config"]["mining"] == mode for m in manifests)
+
+
+def test_bad_data_fails_before_training(work: Path) -> None:
+    np.savez(work / "bad.npz", x=np.zeros((4, 3)), y=np.array([1.5, 2, 1, 2]))
+    proc = hardneg("train", "--data", "npz:bad.npz", "--run-dir", "bad", "--store", "store_bad", cwd=work)
+    assert proc.returncode == 2
+    assert "labels y must be integers, got dtype float64" in proc.stderr
+    assert not (work / "bad").exists() and not (work / "store_bad").exists()
