@@ -191,8 +191,9 @@ class Trainer:
         self.publisher = SnapshotPublisher(self.store, cfg, self.model_spec)
         self.x_train, self.y_train = self._to_device(splits.train)
         self.x_eval, _ = self._to_device(splits.eval)
-        self.inbatch = make_inbatch_miner(cfg.resolved_strategy, cfg.margin) if cfg.mining == "in-batch" else None
-        self.warmup_inbatch = make_inbatch_miner(cfg.warmup_strategy, cfg.margin)
+        # in-batch mode mines with its strategy; global mining may warm up with the warm-up strategy
+        inbatch_strategy = cfg.resolved_strategy if cfg.mining == "in-batch" else cfg.warmup_strategy
+        self.inbatch = make_inbatch_miner(inbatch_strategy, cfg.margin) if cfg.mining != "random" else None
         if cfg.mining == "global":
             mining_config(cfg)  # the miner validates its options now, before any training
 
@@ -266,21 +267,26 @@ class Trainer:
             self.state.mined = result.tuples
         return result
 
+    def _epoch_plan(self, epoch: int) -> InBatchMiner | tp.TupleSet:
+        """What ``epoch`` trains on: an in-batch miner, or tuples (mined from the snapshot, or random)."""
+        cfg, mined = self.cfg, self.state.mined
+        if cfg.mining == "in-batch" or (cfg.mining == "global" and mined is None and cfg.warmup == "in-batch"):
+            assert self.inbatch is not None
+            return self.inbatch
+        if cfg.mining == "global" and mined is not None:
+            if len(mined):
+                return mined
+            log.warning("epoch %d: the miner found no tuples; training on random ones instead", epoch)
+        return self._random_tuples(epoch)
+
     def _train_epoch(self, epoch: int) -> EpochStats:
-        cfg = self.cfg
-        rng = np.random.default_rng(seed_for(cfg.seed, epoch, _SHUFFLE))
-        desc = f"epoch {epoch}/{cfg.epochs}"
-        warming = cfg.mining == "global" and self.state.mined is None
-        if cfg.mining == "in-batch" or (warming and cfg.warmup == "in-batch"):
-            miner = self.inbatch if cfg.mining == "in-batch" else self.warmup_inbatch
-            assert miner is not None
-            stats = train_in_batch(self.model, self.optimizer, self.x_train, self.y_train, miner, cfg, rng, desc)
+        rng = np.random.default_rng(seed_for(self.cfg.seed, epoch, _SHUFFLE))
+        desc = f"epoch {epoch}/{self.cfg.epochs}"
+        plan = self._epoch_plan(epoch)
+        if isinstance(plan, InBatchMiner):
+            stats = train_in_batch(self.model, self.optimizer, self.x_train, self.y_train, plan, self.cfg, rng, desc)
         else:
-            tuples = self.state.mined if not warming and cfg.mining == "global" else self._random_tuples(epoch)
-            if len(tuples) == 0:
-                log.warning("epoch %d: the miner found no tuples; training on random ones instead", epoch)
-                tuples = self._random_tuples(epoch)
-            stats = train_on_tuples(self.model, self.optimizer, self.x_train, tuples, cfg, rng, desc)
+            stats = train_on_tuples(self.model, self.optimizer, self.x_train, plan, self.cfg, rng, desc)
         self.state.step += stats.steps
         self.state.epoch = epoch
         return stats

@@ -220,3 +220,44 @@ def test_bad_data_fails_before_training(work: Path) -> None:
     assert proc.returncode == 2
     assert "labels y must be integers, got dtype float64" in proc.stderr
     assert not (work / "bad").exists() and not (work / "store_bad").exists()
+
+
+USER_MODEL = textwrap.dedent('''
+    from torch import nn
+
+    def mlp(input_shape, embedding_dim):
+        return nn.Sequential(nn.Linear(input_shape[0], 32), nn.ReLU(), nn.Linear(32, embedding_dim))
+''')
+
+
+def test_user_data_model_and_config_file(work: Path) -> None:
+    """npz vectors with a separate eval npz, the user's model, contrastive loss on the miner's pairs, in-batch
+    warm-up, options from a TOML file."""
+    cwd = work / "user"
+    cwd.mkdir()
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(6, 16))
+    for name, per_class in (("train", 40), ("eval", 15)):
+        y = np.repeat(np.arange(6), per_class)
+        np.savez(cwd / f"{name}.npz", x=(centres[y] + 0.9 * rng.normal(size=(len(y), 16))).astype(np.float32), y=y)
+    (cwd / "hn_user_model.py").write_text(USER_MODEL)
+    (cwd / "run.toml").write_text('loss = "contrastive"\nwarmup = "in-batch"\nembedding_dim = 8\nbatch_size = 32\n'
+                                  'epochs = 9\n')
+    env_path = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(cwd), ENV.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "hardneg.cli", "train", "--config", "run.toml", "--data",
+                           "npz:train.npz", "--eval-data", "npz:eval.npz", "--model", "hn_user_model:mlp",
+                           "--epochs", "3", "--refresh-every", "1", "--run-dir", "r", "--store", "s"],
+                          cwd=cwd, capture_output=True, text=True, timeout=240, env=env_path)
+    ok(proc)
+    hist = history(cwd / "r")
+    assert [r["epoch"] for r in hist] == [0, 1, 2, 3]  # --epochs beat the file's 9
+    assert [r["train"]["tuples"] for r in hist[2:]] == [480, 480]  # the miner's pairs: (a, p, 0), (a, n, 1) each
+    assert hist[-1]["metrics"]["map_at_r"] > hist[0]["metrics"]["map_at_r"]
+    snap = SnapshotStore(cwd / "s").open()
+    assert snap.manifest["model"] == {"class": "torch.nn.modules.container.Sequential",
+                                      "config": {"factory": "hn_user_model:mlp", "embedding_dim": 8},
+                                      "input_shape": [16], "embedding_dim": 8}
+    assert snap.manifest["meta"]["config"]["loss"] == "contrastive" and snap.index.count == 240
+    x = np.load(cwd / "train.npz")["x"]
+    np.testing.assert_allclose(load_model(snap.model_path, [16]).embed(x), snap.index.vectors_of(np.arange(240)),
+                               atol=1e-5)
