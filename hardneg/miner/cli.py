@@ -54,6 +54,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--ef-search", type=int, help="HNSW search breadth")
     s.set_defaults(func=cmd_search)
 
+    from hardneg.miner.mine_cli import register_mine  # imported here: mine_cli imports this module
+
+    register_mine(sub)
+
 
 def _store_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", required=True, type=Path, help="snapshot store folder")

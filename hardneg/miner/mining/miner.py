@@ -1,0 +1,172 @@
+"""``mine``: hard negatives, positives, triplets and pairs from a :class:`~hardneg.miner.index.VectorIndex`.
+
+One pass goes:
+
+1. positives first, one per anchor (random or farthest same-label item), since semi-hard mining and the
+   positive-aware guard depend on ``d²(a, p)``;
+2. a batched wrong-label search for every anchor at once (:mod:`hardneg.miner.mining.search`: exact on
+   flat indexes, on FAISS's BLAS path; approximate indexes through their own search path);
+3. the guards drop candidates, the strategy says which anchors need a deeper pool, and only those are
+   searched again with twice the width, until satisfied or their class complement is exhausted;
+4. the strategy picks negatives; triplets and pairs are assembled with numpy, and statistics computed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+
+import numpy as np
+
+from hardneg.miner.errors import ValidationError
+from hardneg.miner.index import SearchParams, VectorIndex, check_int_array
+from hardneg.miner.mining.base import CandidatePool, NegativeStrategy
+from hardneg.miner.mining.config import MiningConfig
+from hardneg.miner.mining.distance_weighted import DistanceWeightedNegatives
+from hardneg.miner.mining.guards import Guard, apply_guards, build_guards
+from hardneg.miner.mining.hardest import HardestNegatives
+from hardneg.miner.mining.positives import Positives, choose_positives, class_bounds
+from hardneg.miner.mining.result import MiningResult
+from hardneg.miner.mining.search import wrong_label_knn
+from hardneg.miner.mining.semihard import SemiHardNegatives
+from hardneg.miner.mining.stats import MiningStats
+from hardneg.miner.mining.window import WindowNegatives
+
+log = logging.getLogger(__name__)
+
+STRATEGIES: dict[str, type[NegativeStrategy]] = {
+    cls.name: cls for cls in (HardestNegatives, SemiHardNegatives, WindowNegatives, DistanceWeightedNegatives)
+}
+
+
+def mine(index: VectorIndex, config: MiningConfig, anchors: np.ndarray | None = None,
+         params: SearchParams | None = None) -> MiningResult:
+    """Mine triplets and pairs for ``anchors`` from ``index``.
+
+    Args:
+        index: the embeddings, ids and labels to mine from (e.g. ``SnapshotStore.open().index``).
+        config: what to mine; see :class:`MiningConfig` and each strategy's docstring.
+        anchors: (m,) stored ids of the anchors (default: every item); repeats are mined independently.
+        params: per-call search parameters for approximate (ivf, hnsw) indexes.
+
+    Returns:
+        A :class:`MiningResult` with ids, not rows. Anchors alone in their class get no triplet.
+
+    Raises:
+        ValidationError: a bad argument. NotFoundError: an anchor id the index does not hold.
+    """
+    if not isinstance(index, VectorIndex):
+        raise ValidationError(f"index must be a VectorIndex, got {type(index).__name__}")
+    if not isinstance(config, MiningConfig):
+        raise ValidationError(f"config must be a MiningConfig, got {type(config).__name__}")
+    if params is not None and not isinstance(params, SearchParams):
+        raise ValidationError(f"params must be a SearchParams or None, got {type(params).__name__}")
+    started = time.perf_counter()
+    anchor_ids = index.ids if anchors is None else check_int_array(anchors, "anchors")
+    anchor_rows = index.rows_of(anchor_ids) if len(anchor_ids) else np.empty(0, np.int64)
+    vectors = stored_vectors(index)
+    rng = np.random.default_rng(config.seed)
+    strategy = STRATEGIES[config.strategy](config, vectors, index.metric)
+    positives = choose_positives(config.positive, vectors, index.labels, anchor_rows, index.distance, rng)
+    stats = MiningStats(config.strategy, index.metric, config.margin, config.per_anchor, anchors=len(anchor_rows))
+    negatives = _mine_negatives(index, vectors, anchor_rows, positives, strategy,
+                                build_guards(config, index.metric), params, rng, stats)
+    result = _assemble(index, vectors, anchor_rows, positives, negatives, stats)
+    log.info("%s in %.2fs", stats.summary(), time.perf_counter() - started)
+    return result
+
+
+def stored_vectors(index: VectorIndex) -> np.ndarray:
+    """The prepared vectors of every row of ``index``: (n, d) float32 (lossy for compressed indexes)."""
+    if index.count == 0:
+        return np.empty((0, index.dim), np.float32)
+    return index.index.reconstruct_n(0, index.count)
+
+
+def _pool(rows: np.ndarray, d2: np.ndarray, keep: np.ndarray, d2_pos: np.ndarray,
+          reach: np.ndarray) -> CandidatePool:
+    """Move the kept candidates left (their order is kept, so they stay nearest first)."""
+    order = np.argsort(~keep, axis=1, kind="stable")
+    count = keep.sum(1)
+    inside = np.arange(rows.shape[1])[None, :] < count[:, None]
+    rows = np.where(inside, np.take_along_axis(rows, order, 1), -1)
+    d2 = np.where(inside, np.take_along_axis(d2, order, 1), np.inf).astype(np.float32)
+    return CandidatePool(rows, d2, count, d2_pos, reach)
+
+
+def _mine_negatives(index: VectorIndex, vectors: np.ndarray, anchor_rows: np.ndarray, positives: Positives,
+                    strategy: NegativeStrategy, guards: list[Guard], params: SearchParams | None,
+                    rng: np.random.Generator, stats: MiningStats) -> np.ndarray:
+    """Negatives (m, per_anchor) int64 rows, ``-1``-padded; fills the search, guard and strategy counters."""
+    m, p = len(anchor_rows), strategy.config.per_anchor
+    negatives = np.full((m, p), -1, np.int64)
+    lo, hi = class_bounds(index.labels, anchor_rows)
+    complement = index.count - (hi - lo)
+    pending = np.flatnonzero((positives.rows >= 0) & (complement > 0))
+    stats.anchors_singleton = int((positives.rows < 0).sum())
+    dropped = {g.name: 0 for g in guards}
+    counters: Counter[str] = Counter()
+    k = strategy.initial_width()
+    while pending.size:
+        k_eff = int(min(k, complement[pending].max()))
+        rows, d2, got = wrong_label_knn(index, vectors, anchor_rows[pending], k_eff, params)
+        stats.search_rounds += 1
+        d2_pos = positives.d2[pending]
+        # Exhausted: every wrong-label item the index can return has been seen (on approximate indexes,
+        # a search that returns fewer than asked after its own widening counts as exhausted).
+        exhausted = (got < k_eff) | (got >= complement[pending])
+        reach = np.where(exhausted, np.inf, d2[:, k_eff - 1])
+        if guards:
+            keep, guard_drops = apply_guards(guards, d2, rows >= 0, d2_pos)
+            pool = _pool(rows, d2, keep, d2_pos, reach)
+        else:
+            guard_drops = {}
+            pool = CandidatePool(rows, d2, got, d2_pos, reach)
+        more = strategy.wants_more(pool) & ~exhausted
+        done = ~more
+        sel = strategy.select(pool.subset(done), rng)
+        negatives[pending[done]] = sel.rows
+        counters.update(sel.counters)
+        for name, per_anchor in guard_drops.items():
+            dropped[name] += int(per_anchor[done].sum())
+        stats.candidates_examined += int(got[done].sum())
+        stats.anchors_widened += int(more.sum()) if stats.search_rounds == 1 else 0
+        pending = pending[more]
+        k *= 2
+    stats.guard_dropped = dropped
+    stats.semihard_fallback_used = counters["semihard_fallback_used"]
+    stats.semihard_skipped = counters["semihard_skipped"]
+    has_pos = positives.rows >= 0
+    stats.anchors_short = int((has_pos & ((negatives >= 0).sum(1) < p)).sum()) - stats.semihard_skipped
+    return negatives
+
+
+def _assemble(index: VectorIndex, vectors: np.ndarray, anchor_rows: np.ndarray, positives: Positives,
+              negatives: np.ndarray, stats: MiningStats) -> MiningResult:
+    """Triplets and pairs as ids, grouped by anchor, negatives nearest first; fills the output statistics."""
+    m = len(anchor_rows)
+    valid = negatives >= 0
+    per = valid.sum(1)
+    t_anchor = np.repeat(np.arange(m), per)
+    t_neg = negatives[valid]
+    diff = vectors[anchor_rows[t_anchor]].astype(np.float64) - vectors[t_neg]
+    d2_neg = np.einsum("ij,ij->i", diff, diff)
+    order = np.lexsort((d2_neg, t_anchor))
+    t_anchor, t_neg, d2_neg = t_anchor[order], t_neg[order], d2_neg[order]
+    mined = np.flatnonzero(per > 0)
+    # Pairs: per mined anchor its positive pair (y=0) first, then its negative pairs (y=1) in triplet order.
+    p_anchor = np.concatenate([mined, t_anchor])
+    p_other = np.concatenate([positives.rows[mined], t_neg])
+    p_y = np.concatenate([np.zeros(len(mined), np.int64), np.ones(len(t_neg), np.int64)])
+    p_order = np.lexsort((p_y, p_anchor))
+    ids = index.ids
+    stats.anchors_mined = len(mined)
+    stats.triplets = len(t_neg)
+    stats.positive_pairs = len(mined)
+    stats.negative_pairs = len(t_neg)
+    stats.pairs = len(p_y)
+    stats.summarise_distances(positives.d2[mined], positives.d2[t_anchor], d2_neg)
+    return MiningResult(
+        anchor=ids[anchor_rows[t_anchor]], positive=ids[positives.rows[t_anchor]], negative=ids[t_neg],
+        pair_i=ids[anchor_rows[p_anchor[p_order]]], pair_j=ids[p_other[p_order]], pair_y=p_y[p_order], stats=stats)

@@ -1,0 +1,179 @@
+"""Batched wrong-label nearest-neighbour search for stored anchors: the miner's hot path.
+
+Exact (flat) indexes. Rows are sorted by label, so the anchors, sorted by row, fall into blocks of
+consecutive classes. For a block whose classes span the row range ``[lo, hi)``, every row outside that
+range has a wrong label for every anchor of the block: those two ranges are searched with
+``faiss.knn`` for the whole block at once, on FAISS's BLAS path with query blocks as large as a plain
+unfiltered search uses. Only the small in-block range ``[lo, hi)`` needs a label mask; it is searched
+with one masked matrix product. The partial top-k lists are then merged. Compared with searching each
+class's anchors separately, this keeps FAISS's GEMM calls (and the thread hand-offs around each)
+as few as the plain search makes, and never leaves BLAS for an ID-selector scan.
+
+Approximate (ivf, hnsw, factory) indexes go through ``VectorIndex.search(different_label=True)``, i.e.
+their own search path with an ID selector and the caller's per-call parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import faiss
+import numpy as np
+
+from hardneg.miner.distances import Distance
+from hardneg.miner.index import SearchParams, SearchResult, VectorIndex
+
+# Anchors per block: FAISS's own BLAS query block (faiss.cvar.distance_compute_blas_query_bs).
+QUERY_BLOCK = 4096
+# The masked in-block product is computed in chunks of at most this many distances (64 MiB of float32).
+_INNER_ENTRIES = 1 << 24
+
+
+def wrong_label_knn(index: VectorIndex, vectors: np.ndarray, anchor_rows: np.ndarray, k: int,
+                    params: SearchParams | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``k`` nearest neighbours of each anchor row among the rows whose label differs from its own.
+
+    Args:
+        index: the index; exact when flat, else searched through its own path with ``params``.
+        vectors: (n, d) float32 stored (prepared) vectors of every row.
+        anchor_rows: (m,) rows of the anchors (repeats allowed).
+        k: neighbours wanted per anchor, >= 1.
+        params: per-call parameters for approximate indexes.
+
+    Returns:
+        ``rows`` (m, k) int64 and ``d2`` (m, k) float32 squared distances, nearest first, padded with
+        ``-1`` / ``inf``; ``got`` (m,) int64, how many were found.
+    """
+    if index.exact:
+        rows, d2 = exact_wrong_label_knn(vectors, index.labels, anchor_rows, k, index.distance)
+    else:
+        res = index.search(vectors[anchor_rows], k, query_labels=index.labels[anchor_rows], different_label=True,
+                           params=params)
+        rows, d2 = padded(res, k)
+    return rows, d2, (rows >= 0).sum(1)
+
+
+def exact_wrong_label_knn(vectors: np.ndarray, labels: np.ndarray, anchor_rows: np.ndarray, k: int,
+                          distance: Distance) -> tuple[np.ndarray, np.ndarray]:
+    """Exact wrong-label kNN by class blocks (see the module docstring).
+
+    Args:
+        vectors: (n, d) float32 prepared vectors, rows sorted by label.
+        labels: (n,) labels, ascending.
+        anchor_rows: (m,) anchor rows.
+        k: neighbours per anchor.
+        distance: the metric.
+
+    Returns:
+        ``rows`` (m, k) int64 and ``d2`` (m, k) float32, nearest first, ``-1`` / ``inf``-padded.
+    """
+    n, m = len(labels), len(anchor_rows)
+    out_rows = np.full((m, k), -1, np.int64)
+    out_d2 = np.full((m, k), np.inf, np.float32)
+    order = np.argsort(anchor_rows, kind="stable")
+    sorted_rows = anchor_rows[order]
+    for a, b, lo, hi in _blocks(labels, sorted_rows):
+        q = vectors[sorted_rows[a:b]]
+        parts = [_range_knn(q, vectors, s, e, k, distance) for s, e in ((0, lo), (hi, n)) if e > s]
+        qlab = labels[sorted_rows[a:b]]
+        if qlab[0] != qlab[-1]:  # several classes: the block's own range holds wrong-label rows too
+            parts.append(_masked_knn(q, qlab, vectors, labels, lo, hi, k, distance))
+        if parts:
+            out_rows[order[a:b]], out_d2[order[a:b]] = _merge(parts, k)
+    return out_rows, out_d2
+
+
+def _blocks(labels: np.ndarray, sorted_rows: np.ndarray) -> Iterator[tuple[int, int, int, int]]:
+    """Split anchors (sorted by row) into blocks ``(a, b, lo, hi)``: anchors ``a:b``, whose classes span rows ``[lo, hi)``.
+
+    A block gathers whole consecutive classes while it holds at most ``QUERY_BLOCK`` anchors and spans at
+    most an eighth of the rows (the masked in-block product grows with the span); a class with more
+    anchors than that is split into blocks of its own.
+    """
+    n = len(labels)
+    classes, starts, counts = np.unique(labels[sorted_rows], return_index=True, return_counts=True)
+    c_lo = np.searchsorted(labels, classes, "left")
+    c_hi = np.searchsorted(labels, classes, "right")
+    max_span = max(n // 8, 1)
+    cur: list[int] | None = None  # [a, b, lo, hi] of the open block
+    for s, c, lo, hi in zip(starts.tolist(), counts.tolist(), c_lo.tolist(), c_hi.tolist()):
+        if cur is not None and (cur[1] - cur[0] + c > QUERY_BLOCK or hi - cur[2] > max_span):
+            yield tuple(cur)
+            cur = None
+        if c > QUERY_BLOCK:
+            for a in range(s, s + c, QUERY_BLOCK):
+                yield a, min(a + QUERY_BLOCK, s + c), lo, hi
+        elif cur is None:
+            cur = [s, s + c, lo, hi]
+        else:
+            cur[1], cur[3] = s + c, hi
+    if cur is not None:
+        yield tuple(cur)
+
+
+def _range_knn(q: np.ndarray, vectors: np.ndarray, s: int, e: int, k: int,
+               distance: Distance) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of (b, d) queries among rows ``[s, e)`` with faiss.knn (BLAS): rows (b, k') and d² (b, k')."""
+    scores, idx = faiss.knn(q, vectors[s:e], min(k, e - s), metric=distance.faiss_metric)
+    return np.where(idx >= 0, idx + s, -1), np.where(idx >= 0, distance.to_distance(scores), np.inf)
+
+
+def _masked_knn(q: np.ndarray, qlab: np.ndarray, vectors: np.ndarray, labels: np.ndarray, lo: int, hi: int, k: int,
+                distance: Distance) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of (b, d) queries with ascending labels ``qlab`` (b,) among the rows ``[lo, hi)`` of another label."""
+    x, xlab = vectors[lo:hi], labels[lo:hi]
+    kk = min(k, hi - lo)
+    x_sq = None if distance.higher_is_closer else (x * x).sum(1)
+    rows = np.empty((len(q), kk), np.int64)
+    d2 = np.empty((len(q), kk), np.float32)
+    step = max(1, _INNER_ENTRIES // (hi - lo))
+    for s in range(0, len(q), step):
+        qc, lab = q[s:s + step], qlab[s:s + step]
+        dist = qc @ x.T  # turned into d² in place: this (step, hi - lo) block is the biggest temporary
+        dist *= -2.0
+        if x_sq is None:
+            dist += 2.0
+        else:
+            dist += (qc * qc).sum(1)[:, None]
+            dist += x_sq[None, :]
+        # Queries and rows are both sorted by label, so same-label entries are rectangles, one per class.
+        classes, q_start = np.unique(lab, return_index=True)
+        q_end = np.append(q_start[1:], len(lab))
+        for c, a, b in zip(classes, q_start, q_end):
+            dist[a:b, np.searchsorted(xlab, c, "left"):np.searchsorted(xlab, c, "right")] = np.inf
+        if kk == 1:
+            cols = np.argmin(dist, axis=1)[:, None]
+        else:
+            cols = np.argpartition(dist, kk - 1, axis=1)[:, :kk]
+        rows[s:s + step] = cols + lo
+        d2[s:s + step] = np.maximum(np.take_along_axis(dist, cols, 1), 0.0)
+    return np.where(np.isfinite(d2), rows, -1), d2
+
+
+def _merge(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge partial top-k lists (rows, d²) of the same queries into one, nearest first, padded to ``k``."""
+    rows = np.concatenate([p[0] for p in parts], axis=1)
+    d2 = np.concatenate([p[1] for p in parts], axis=1)
+    if rows.shape[1] > k:
+        part = np.argpartition(d2, k - 1, axis=1)[:, :k]
+        rows, d2 = np.take_along_axis(rows, part, 1), np.take_along_axis(d2, part, 1)
+    if rows.shape[1] > 1:
+        order = np.argsort(d2, axis=1, kind="stable")
+        rows, d2 = np.take_along_axis(rows, order, 1), np.take_along_axis(d2, order, 1)
+    if rows.shape[1] < k:
+        pad = k - rows.shape[1]
+        rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
+        d2 = np.pad(d2, ((0, 0), (0, pad)), constant_values=np.inf)
+    return rows, d2.astype(np.float32, copy=False)
+
+
+def padded(res: SearchResult, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """A compressed-row :class:`SearchResult` as padded (m, k) ``rows`` (``-1``) and ``d2`` (``inf``)."""
+    m, got = len(res), res.lengths
+    rows = np.full((m, k), -1, np.int64)
+    d2 = np.full((m, k), np.inf, np.float32)
+    r = np.repeat(np.arange(m), got)
+    c = np.arange(len(res.rows)) - np.repeat(res.offsets[:-1], got)
+    rows[r, c] = res.rows
+    d2[r, c] = res.distances
+    return rows, d2
