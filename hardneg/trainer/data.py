@@ -266,6 +266,7 @@ def split_heldout_samples(ds: ArrayDataset, eval_fraction: float,
         tr, ev = train_test_split(np.arange(len(ds)), test_size=eval_fraction, random_state=seed, stratify=ds.y)
     except ValueError as e:
         raise ValidationError(f"{ds.name}: protocol heldout-samples cannot split stratified ({e}); every class "
-                              f"needs at least 2 items") from None
+                              f"needs 2 items or more, and eval_sample_fraction of the data at least one item "
+                              f"per class") from None
     return ds.subset(np.sort(tr), ds.name + " train"), ds.subset(np.sort(ev), ds.name + " eval")
 

@@ -7,11 +7,16 @@ determinism and resume), and the training split embedded again from the snapshot
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import re
 import signal
 import subprocess
+import struct
 import sys
+import termios
 import textwrap
 import time
 from dataclasses import dataclass
@@ -21,11 +26,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.datasets import load_digits
 
+from hardneg.miner.errors import ValidationError
+from hardneg.miner.metrics import retrieval_metrics
 from hardneg.miner.model_io import load_model
 from hardneg.miner.store import SnapshotStore
 from hardneg.trainer.config import TrainConfig
 from hardneg.trainer.data import load_splits
+from hardneg.trainer.evaluate import evaluate_checkpoint
 from hardneg.trainer.models import build_model_from_spec
 
 pytestmark = pytest.mark.slow
@@ -62,6 +71,7 @@ class Run:
     run_dir: Path
     store: Path
     stdout: str
+    stderr: str
     seen_snapshots_while_training: set[str]
 
 
@@ -84,7 +94,7 @@ def global_run(work: Path) -> Run:
         time.sleep(0.05)
     out, err = proc.communicate()
     ok(subprocess.CompletedProcess(cmd, proc.returncode, out, err))
-    return Run(work / "a", work / "store_a", out, seen)
+    return Run(work / "a", work / "store_a", out, err, seen)
 
 
 def test_global_run_publishes_a_snapshot_per_refresh_while_training(global_run: Run) -> None:
@@ -127,6 +137,28 @@ def test_global_run_learns_and_writes_metrics_and_plot(global_run: Run) -> None:
     assert "snapshot store: store_a" in global_run.stdout and "MAP@R" in global_run.stdout
 
 
+def test_progress_bars_on_a_terminal_plain_log_lines_otherwise(global_run: Run, work: Path) -> None:
+    assert "it/s" not in global_run.stderr and "epoch 3/3: loss" in global_run.stderr  # piped: log lines only
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a terminal with a size, as tqdm needs one to draw
+        fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        os.chdir(work)
+        os.execve(sys.executable, [sys.executable, "-m", "hardneg.cli", "train", "--epochs", "1", "--mining",
+                                   "random", "--run-dir", "tty", "--store", "store_tty"], ENV)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, out.decode(errors="replace")[-2000:]
+    assert re.search(r"epoch 1/1: +\d+%\|.*\| \d+/11 ", out.decode(errors="replace"))  # 11 batches: a tqdm bar
+
+
 def test_snapshot_model_embeds_like_the_index(global_run: Run) -> None:
     snap = SnapshotStore(global_run.store).open()
     cfg = TrainConfig.from_dict(snap.manifest["meta"]["config"])
@@ -153,6 +185,28 @@ def test_eval_prints_the_checkpoint_metrics(global_run: Run, work: Path) -> None
     metrics = json.loads(proc.stdout)
     best = max(history(global_run.run_dir), key=lambda r: r["metrics"]["map_at_r"])
     assert {k: metrics[k] for k in METRIC_KEYS} == {k: best["metrics"][k] for k in METRIC_KEYS}
+
+
+def test_eval_on_other_data(global_run: Run, work: Path) -> None:
+    """``evaluate_checkpoint`` with --data: the protocol's eval split of that data, embedded by the checkpoint."""
+    digits = load_digits()
+    np.savez(work / "odd.npz", x=(digits.images[1::2] * 16).astype(np.uint8), y=digits.target[1::2])  # 0..255
+    changes = {"data": f"npz:{work / 'odd.npz'}", "protocol": "heldout-classes"}
+    got = evaluate_checkpoint(global_run.run_dir / "last.pt", changes)
+    ckpt = torch.load(global_run.run_dir / "last.pt", weights_only=True)
+    model = build_model_from_spec(ckpt["model_spec"])
+    model.load_state_dict(ckpt["model"])
+    keep = digits.target[1::2] >= 5  # heldout-classes: the last half of the classes
+    x = (digits.images[1::2][keep] * 16).astype(np.uint8).astype(np.float32)[:, None] / 255.0
+    with torch.no_grad():
+        emb = model.eval()(torch.from_numpy(x)).numpy()
+    want = retrieval_metrics(emb, digits.target[1::2][keep])
+    assert got == pytest.approx({k: float(v) for k, v in want.items()}, abs=1e-6)
+    np.savez(work / "vec.npz", x=np.zeros((40, 5)), y=np.repeat([0, 1, 2, 3], 10))
+    with pytest.raises(ValidationError, match=r"embeds items of shape \(1, 8, 8\)"):
+        evaluate_checkpoint(global_run.run_dir / "last.pt", {"data": f"npz:{work / 'vec.npz'}"})
+    with pytest.raises(ValidationError, match="eval cannot change lr"):
+        evaluate_checkpoint(global_run.run_dir / "last.pt", {"lr": 0.1})
 
 
 KILLER = textwrap.dedent('''
