@@ -26,9 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser(
         "train", argument_default=argparse.SUPPRESS,
         help="train an embedding model with periodic snapshots and hard-negative mining",
-        description="Train an embedding model. With no flags: the built-in digits, global mining, about a "
-                    "minute on a laptop CPU. Every option can also come from --config FILE (TOML, keys named "
-                    "like the options with underscores); flags given here override the file.")
+        description="Train an embedding model. With no flags: the built-in digits, global mining, well under "
+                    "a minute on a laptop CPU. Every option can also come from --config FILE (TOML, keys named "
+                    "like the options with underscores); flags given here override the file. Options without a "
+                    "flag (weight_decay, semihard_fallback, warmup_strategy, eval_class_fraction, "
+                    "eval_sample_fraction, image_size, image_mode, keep_snapshots, ...) are set in that file.")
     _data_args(t)
     t.add_argument("--model", metavar="MODULE:ATTR", help="your own nn.Module factory (called with input_shape "
                    "and embedding_dim if it accepts them); default: a small CNN for images, an MLP for vectors")
