@@ -187,6 +187,7 @@ class Trainer:
             self.model.load_state_dict(checkpoint["model"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             torch.set_rng_state(checkpoint["rng"])
+        (run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")  # for people; resume reads last.pt
         self.store = SnapshotStore(cfg.store, keep=cfg.keep_snapshots)
         self.publisher = SnapshotPublisher(self.store, cfg, self.model_spec)
         self.x_train, self.y_train = self._to_device(splits.train)
@@ -208,10 +209,8 @@ class Trainer:
             raise ValidationError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose "
                                   f"another --run-dir")
         run_dir.mkdir(parents=True, exist_ok=True)
-        cfg = cfg.replace(run_dir=str(run_dir))
-        (run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         log.info("data: %s", splits.description)
-        return cls(cfg, splits, run_dir)
+        return cls(cfg.replace(run_dir=str(run_dir)), splits, run_dir)
 
     @classmethod
     def resume(cls, run_dir: str | Path, changes: dict[str, Any] | None = None) -> Trainer:
