@@ -187,7 +187,8 @@ class Trainer:
             self.model.load_state_dict(checkpoint["model"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             torch.set_rng_state(checkpoint["rng"])
-        (run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")  # for people; resume reads last.pt
+        # for people to read; a resumed run reads its config from last.pt
+        (run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         self.store = SnapshotStore(cfg.store, keep=cfg.keep_snapshots)
         self.publisher = SnapshotPublisher(self.store, cfg, self.model_spec)
         self.x_train, self.y_train = self._to_device(splits.train)
