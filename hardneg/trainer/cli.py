@@ -64,6 +64,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--config", type=Path, metavar="FILE", help="TOML file of options")
     t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt "
                    "(only --epochs and --device may change)")
+    t.add_argument("--resume-if-exists", action="store_true",
+                   help="with --run-dir: continue the run there if it has a last.pt, else start it (for a trainer "
+                        "that a supervisor restarts with the same command; the options must match that run's, "
+                        "except --epochs and --device)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="retrieval metrics of a training checkpoint",
@@ -85,7 +89,8 @@ def _data_args(p: argparse.ArgumentParser, suppress: bool = False) -> None:
     p.add_argument("--protocol", choices=PROTOCOLS, help="how --data is split when --eval-data is not given", **kw)
 
 
-_NOT_CONFIG = ("func", "command", "verbose", "config", "resume", "checkpoint", "split", "json")
+_NOT_CONFIG = ("func", "command", "verbose", "config", "resume", "resume_if_exists", "checkpoint", "split",
+               "json")
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
@@ -100,6 +105,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         from hardneg.miner.errors import ValidationError
 
         raise ValidationError("--config cannot be combined with --resume; the run's own config is used")
+    if getattr(args, "resume_if_exists", False):
+        resume, given = _existing_run(args, given)
     cfg = None if resume is not None else TrainConfig.from_sources(getattr(args, "config", None), given)
     _deterministic(cfg.device if cfg is not None else given.get("device", "cpu"))
     from hardneg.trainer.loop import Trainer
@@ -118,6 +125,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"snapshot store: {summary.store}")
     print(f"plot: {summary.plot}")
     return 0
+
+
+def _existing_run(args: argparse.Namespace, given: dict[str, Any]) -> tuple[Path | None, dict[str, Any]]:
+    """``--resume-if-exists``: the run folder to continue and the config it must agree with, or ``(None, given)``
+    to start a new run there.
+
+    The whole config (defaults, ``--config`` file and flags) is compared with the run's own, so a restarted
+    command whose file or flags changed anything but ``epochs`` or ``device`` is refused, not silently ignored.
+    """
+    from hardneg.miner.errors import ValidationError
+    from hardneg.trainer.checkpoint import LAST
+
+    if getattr(args, "resume", None) is not None:
+        raise ValidationError("--resume-if-exists cannot be combined with --resume; give the run folder as --run-dir")
+    cfg = TrainConfig.from_sources(getattr(args, "config", None), given)
+    if not cfg.run_dir:
+        raise ValidationError("--resume-if-exists needs --run-dir (or run_dir in --config): the folder whose run "
+                              "to continue or start")
+    run_dir = Path(cfg.run_dir)
+    if not (run_dir / LAST).exists():
+        return None, given
+    # Trainer.create stores run_dir as str(Path(...)): compare in that form ("runs/a/" is "runs/a")
+    return run_dir, cfg.replace(run_dir=str(run_dir)).to_dict()
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
