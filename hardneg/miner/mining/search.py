@@ -87,14 +87,15 @@ def _blocks(labels: np.ndarray, sorted_rows: np.ndarray) -> Iterator[tuple[int, 
     """Split anchors (sorted by row) into blocks ``(a, b, lo, hi)``: anchors ``a:b``, whose classes span rows ``[lo, hi)``.
 
     A block gathers whole consecutive classes while it holds at most ``QUERY_BLOCK`` anchors and spans at
-    most an eighth of the rows (the masked in-block product grows with the span); a class with more
-    anchors than that is split into blocks of its own.
+    most ``max(n / 8, QUERY_BLOCK)`` rows (the masked in-block product grows with the span, while small
+    blocks cost FAISS more calls, each with its own thread hand-offs); a class with more anchors than
+    ``QUERY_BLOCK`` is split into blocks of its own.
     """
     n = len(labels)
     classes, starts, counts = np.unique(labels[sorted_rows], return_index=True, return_counts=True)
     c_lo = np.searchsorted(labels, classes, "left")
     c_hi = np.searchsorted(labels, classes, "right")
-    max_span = max(n // 8, 1)
+    max_span = max(n // 8, QUERY_BLOCK)
     cur: list[int] | None = None  # [a, b, lo, hi] of the open block
     for s, c, lo, hi in zip(starts.tolist(), counts.tolist(), c_lo.tolist(), c_hi.tolist()):
         if cur is not None and (cur[1] - cur[0] + c > QUERY_BLOCK or hi - cur[2] > max_span):
@@ -123,31 +124,31 @@ def _masked_knn(q: np.ndarray, qlab: np.ndarray, vectors: np.ndarray, labels: np
     """Top-k of (b, d) queries with ascending labels ``qlab`` (b,) among the rows ``[lo, hi)`` of another label."""
     x, xlab = vectors[lo:hi], labels[lo:hi]
     kk = min(k, hi - lo)
-    x_sq = None if distance.higher_is_closer else (x * x).sum(1)
+    # Rank by a score that grows as d² shrinks, so the (chunk, hi - lo) block is made in one product and one
+    # pass: q·x for cosine (d² = 2 - 2 q·x), q·x - |x|²/2 for l2 (d² = |q|² - 2 (q·x - |x|²/2)).
+    half_x_sq = None if distance.higher_is_closer else 0.5 * (x * x).sum(1)
     rows = np.empty((len(q), kk), np.int64)
     d2 = np.empty((len(q), kk), np.float32)
     step = max(1, _INNER_ENTRIES // (hi - lo))
     for s in range(0, len(q), step):
         qc, lab = q[s:s + step], qlab[s:s + step]
-        dist = qc @ x.T  # turned into d² in place: this (step, hi - lo) block is the biggest temporary
-        dist *= -2.0
-        if x_sq is None:
-            dist += 2.0
-        else:
-            dist += (qc * qc).sum(1)[:, None]
-            dist += x_sq[None, :]
+        score = qc @ x.T
+        if half_x_sq is not None:
+            score -= half_x_sq
         # Queries and rows are both sorted by label, so same-label entries are rectangles, one per class.
         classes, q_start = np.unique(lab, return_index=True)
         q_end = np.append(q_start[1:], len(lab))
         for c, a, b in zip(classes, q_start, q_end):
-            dist[a:b, np.searchsorted(xlab, c, "left"):np.searchsorted(xlab, c, "right")] = np.inf
+            score[a:b, np.searchsorted(xlab, c, "left"):np.searchsorted(xlab, c, "right")] = -np.inf
         if kk == 1:
-            cols = np.argmin(dist, axis=1)[:, None]
+            cols = np.argmax(score, axis=1)[:, None]
         else:
-            cols = np.argpartition(dist, kk - 1, axis=1)[:, :kk]
-        rows[s:s + step] = cols + lo
-        d2[s:s + step] = np.maximum(np.take_along_axis(dist, cols, 1), 0.0)
-    return np.where(np.isfinite(d2), rows, -1), d2
+            cols = np.argpartition(score, -kk, axis=1)[:, -kk:]
+        best = np.take_along_axis(score, cols, 1)
+        offset = 2.0 if half_x_sq is None else (qc * qc).sum(1)[:, None]
+        rows[s:s + step] = np.where(best > -np.inf, cols + lo, -1)
+        d2[s:s + step] = np.where(best > -np.inf, np.maximum(offset - 2.0 * best, 0.0), np.inf)
+    return rows, d2
 
 
 def _merge(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
