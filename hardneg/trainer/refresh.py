@@ -45,7 +45,10 @@ def seed_for(seed: int, epoch: int, purpose: int) -> np.random.SeedSequence:
     return np.random.SeedSequence([seed, epoch, purpose])
 
 
-def mining_seed(seed: int, epoch: int) -> int:
+def mining_seed(seed: int, epoch: int, shard: int = 0) -> int:
+    """The miner's seed for ``epoch``; shard (rank) ``k > 0`` of a distributed run draws from its own stream."""
+    if shard:
+        return int(np.random.SeedSequence([seed, epoch, 2, shard]).generate_state(1)[0])
     return int(seed_for(seed, epoch, 2).generate_state(1)[0])
 
 
@@ -79,11 +82,16 @@ class SnapshotPublisher:
         return Published(name, index)
 
 
-def mine_tuples(index: VectorIndex, cfg: TrainConfig, epoch: int) -> tuple[tp.TupleSet, dict[str, Any]]:
-    """Mine the tuples for the loss (triplets, or pairs for contrastive) from a snapshot's index, and the stats."""
+def mine_tuples(index: VectorIndex, cfg: TrainConfig, epoch: int, anchors: np.ndarray | None = None,
+                shard: int = 0) -> tuple[tp.TupleSet, dict[str, Any]]:
+    """Mine the tuples for the loss (triplets, or pairs for contrastive) from a snapshot's index, and the stats.
+
+    ``anchors`` (m,) ids (default: every item) and ``shard`` (the rank, for its own seed) mine one rank's share
+    of a distributed run (:mod:`hardneg.trainer.sharded_refresh`).
+    """
     from hardneg.miner.mining import mine  # the miner part; imported when first needed
 
-    result = mine(index, mining_config(cfg, epoch))
+    result = mine(index, mining_config(cfg, epoch, shard), anchors=anchors)
     if cfg.loss == "contrastive":
         tuples = tp.pairs(result.pair_i, result.pair_j, result.pair_y)
     else:
@@ -91,8 +99,8 @@ def mine_tuples(index: VectorIndex, cfg: TrainConfig, epoch: int) -> tuple[tp.Tu
     return tuples, _plain(result.stats.to_dict())
 
 
-def mining_config(cfg: TrainConfig, epoch: int = 0) -> Any:
-    """The miner's :class:`MiningConfig` for ``cfg``, seeded by (seed, epoch). Also validates the miner's options."""
+def mining_config(cfg: TrainConfig, epoch: int = 0, shard: int = 0) -> Any:
+    """The miner's :class:`MiningConfig` for ``cfg``, seeded by (seed, epoch, shard); validates the miner's options."""
     from hardneg.miner.mining import MiningConfig
 
     return MiningConfig(
@@ -100,7 +108,7 @@ def mining_config(cfg: TrainConfig, epoch: int = 0) -> Any:
         semihard_fallback=cfg.semihard_fallback, window_skip=cfg.window_skip, window_width=cfg.window_width,
         dw_cutoff=cfg.dw_cutoff, dw_nonzero_loss_cutoff=cfg.dw_nonzero_loss_cutoff,
         positive_aware=cfg.positive_aware, near_duplicate=cfg.near_duplicate, candidates=cfg.candidates,
-        seed=mining_seed(cfg.seed, epoch))
+        seed=mining_seed(cfg.seed, epoch, shard))
 
 
 @dataclass(frozen=True)
