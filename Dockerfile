@@ -17,7 +17,9 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends tini \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 10001 hardneg \
-    && mkdir -p /data && chown hardneg:hardneg /data
+    && mkdir -p /data/store /data/runs && chown -R hardneg:hardneg /data
+# The mount points exist, owned by hardneg, so that Docker initialises a new named volume mounted
+# there (docker-compose.yml's store and runs) with that owner: the trainer can write the store.
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
