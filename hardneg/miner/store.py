@@ -77,12 +77,6 @@ def _manifest_digest(manifest: Mapping) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -204,9 +198,9 @@ class SnapshotStore:
         self.snapshots_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.root))
         try:
-            # mkdtemp makes the folder 0700; a published snapshot must be readable by readers running as other
-            # users (an api replica under another uid), as any folder the umask would give.
-            os.chmod(tmp, 0o777 & ~_current_umask())
+            # mkdtemp makes the folder 0700; a published snapshot must be readable by readers running as
+            # other users (an api replica under another uid). Not umask-derived: reading the umask races threads.
+            os.chmod(tmp, 0o755)
             files = self._write_payload(tmp, index, extra_files or {})
             manifest = {
                 "format_version": FORMAT_VERSION,
