@@ -18,6 +18,7 @@ from scipy import stats as sps
 from hardneg.miner.errors import NotFoundError, ValidationError
 from hardneg.miner.index import SearchParams, VectorIndex
 from hardneg.miner.mining import STRATEGIES, MiningConfig, MiningResult, mine
+from hardneg.miner.mining import ivf_search as mining_ivf
 from hardneg.miner.mining import search as mining_search
 
 METRICS = ("cosine", "l2")
@@ -430,6 +431,43 @@ def test_block_search_equals_reference(metric: str, block: int, n_classes: int, 
         want = sorted((j for j in range(len(ids)) if labels[j] != labels[a]), key=lambda j: sq(x, a, j))[:k]
         assert vi.ids[rows[i]].tolist() == ids[want].tolist()
         np.testing.assert_allclose(d2[i], [sq(x, a, j) for j in want], rtol=1e-4, atol=1e-4)
+
+
+def ref_ivf_knn(x: np.ndarray, labels: np.ndarray, lists: list[list[int]], centroids: np.ndarray, a: int,
+                k: int, nprobe: int, metric: str) -> tuple[list[int], int]:
+    """hardneg's IVF rule by loops: probe the nprobe nearest lists holding a wrong-label item (doubling
+    nprobe while they hold fewer than k such items and lists remain), exact top-k of those items."""
+    def closeness(c: int) -> float:  # the quantizer ranks by inner product for cosine, by distance for l2
+        return -float(x[a] @ centroids[c]) if metric == "cosine" else float((x[a] - centroids[c]) @ (x[a] - centroids[c]))
+    eligible = sorted((c for c in range(len(lists)) if any(labels[j] != labels[a] for j in lists[c])), key=closeness)
+    complement = int((labels != labels[a]).sum())
+    while True:
+        items = [j for c in eligible[:nprobe] for j in lists[c] if labels[j] != labels[a]]
+        if len(items) >= min(k, complement) or nprobe >= len(lists):
+            return sorted(items, key=lambda j: sq(x, a, j))[:k], nprobe
+        nprobe *= 2
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_ivf_label_aware_list_major_search_equals_reference(metric: str) -> None:
+    vectors, labels, ids = _clusters(n=300, n_classes=4, seed=45)
+    vi = VectorIndex.build(vectors, labels, ids, metric=metric, index="IVF12,Flat")
+    lists_info = mining_ivf.inverted_lists(vi)
+    assert lists_info is not None and lists_info.pure.any(), "the case should have single-label lists to skip"
+    ivf = vi.index
+    lists = [[int(r) for r in lists_info.rows[lists_info.bounds[c]:lists_info.bounds[c + 1]]] for c in range(ivf.nlist)]
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist).astype(np.float64)
+    xv = vi.index.reconstruct_n(0, vi.count).astype(np.float64)  # rows order
+    k, nprobe = 20, 2
+    rows, d2 = mining_search.wrong_label_knn(vi, vi.index.reconstruct_n(0, vi.count), np.arange(vi.count), k,
+                                             SearchParams(nprobe=nprobe))[:2]
+    widened = 0
+    for a in range(vi.count):
+        want, used = ref_ivf_knn(xv, vi.labels, lists, centroids, a, k, nprobe, metric)
+        assert rows[a][rows[a] >= 0].tolist() == want, f"row {a}"
+        np.testing.assert_allclose(d2[a][:len(want)], [sq(xv, a, j) for j in want], rtol=1e-4, atol=1e-4)
+        widened += used > nprobe
+    assert 0 < widened < vi.count, "some anchors, not all, should need more lists than nprobe"
 
 
 @pytest.mark.parametrize("kind,params", [("ivf", SearchParams(nprobe=1000)), ("hnsw", SearchParams(ef_search=400))])

@@ -9,8 +9,10 @@ with one masked matrix product. The partial top-k lists are then merged. Compare
 class's anchors separately, this keeps FAISS's GEMM calls (and the thread hand-offs around each)
 as few as the plain search makes, and never leaves BLAS for an ID-selector scan.
 
-Approximate (ivf, hnsw, factory) indexes go through ``VectorIndex.search(different_label=True)``, i.e.
-their own search path with an ID selector and the caller's per-call parameters.
+IVF-Flat indexes are probed label-aware and scanned list-major on BLAS
+(:mod:`hardneg.miner.mining.ivf_search`). Other approximate indexes (hnsw, factory strings) go through
+``VectorIndex.search(different_label=True)``: their own search path with an ID selector and the
+caller's per-call parameters.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import numpy as np
 
 from hardneg.miner.distances import Distance
 from hardneg.miner.index import SearchParams, SearchResult, VectorIndex
+from hardneg.miner.mining.ivf_search import inverted_lists, ivf_wrong_label_knn
+from hardneg.miner.mining.topk import merge_topk, score_to_d2, scores
 
 # Anchors per block: FAISS's own BLAS query block (faiss.cvar.distance_compute_blas_query_bs).
 QUERY_BLOCK = 4096
@@ -46,6 +50,9 @@ def wrong_label_knn(index: VectorIndex, vectors: np.ndarray, anchor_rows: np.nda
     """
     if index.exact:
         rows, d2 = exact_wrong_label_knn(vectors, index.labels, anchor_rows, k, index.distance)
+    elif (lists := inverted_lists(index)) is not None:
+        rows, d2 = ivf_wrong_label_knn(lists, vectors, index.labels, anchor_rows, k, index.distance, params,
+                                       index.spec.nprobe)
     else:
         res = index.search(vectors[anchor_rows], k, query_labels=index.labels[anchor_rows], different_label=True,
                            params=params)
@@ -79,7 +86,7 @@ def exact_wrong_label_knn(vectors: np.ndarray, labels: np.ndarray, anchor_rows: 
         if qlab[0] != qlab[-1]:  # several classes: the block's own range holds wrong-label rows too
             parts.append(_masked_knn(q, qlab, vectors, labels, lo, hi, k, distance))
         if parts:
-            out_rows[order[a:b]], out_d2[order[a:b]] = _merge(parts, k)
+            out_rows[order[a:b]], out_d2[order[a:b]] = merge_topk(parts, k)
     return out_rows, out_d2
 
 
@@ -124,17 +131,12 @@ def _masked_knn(q: np.ndarray, qlab: np.ndarray, vectors: np.ndarray, labels: np
     """Top-k of (b, d) queries with ascending labels ``qlab`` (b,) among the rows ``[lo, hi)`` of another label."""
     x, xlab = vectors[lo:hi], labels[lo:hi]
     kk = min(k, hi - lo)
-    # Rank by a score that grows as d² shrinks, so the (chunk, hi - lo) block is made in one product and one
-    # pass: q·x for cosine (d² = 2 - 2 q·x), q·x - |x|²/2 for l2 (d² = |q|² - 2 (q·x - |x|²/2)).
-    half_x_sq = None if distance.higher_is_closer else 0.5 * (x * x).sum(1)
     rows = np.empty((len(q), kk), np.int64)
     d2 = np.empty((len(q), kk), np.float32)
     step = max(1, _INNER_ENTRIES // (hi - lo))
     for s in range(0, len(q), step):
         qc, lab = q[s:s + step], qlab[s:s + step]
-        score = qc @ x.T
-        if half_x_sq is not None:
-            score -= half_x_sq
+        score = scores(qc, x, distance)
         # Queries and rows are both sorted by label, so same-label entries are rectangles, one per class.
         classes, q_start = np.unique(lab, return_index=True)
         q_end = np.append(q_start[1:], len(lab))
@@ -145,27 +147,9 @@ def _masked_knn(q: np.ndarray, qlab: np.ndarray, vectors: np.ndarray, labels: np
         else:
             cols = np.argpartition(score, -kk, axis=1)[:, -kk:]
         best = np.take_along_axis(score, cols, 1)
-        offset = 2.0 if half_x_sq is None else (qc * qc).sum(1)[:, None]
         rows[s:s + step] = np.where(best > -np.inf, cols + lo, -1)
-        d2[s:s + step] = np.where(best > -np.inf, np.maximum(offset - 2.0 * best, 0.0), np.inf)
+        d2[s:s + step] = np.where(best > -np.inf, score_to_d2(best, qc, distance), np.inf)
     return rows, d2
-
-
-def _merge(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Merge partial top-k lists (rows, d²) of the same queries into one, nearest first, padded to ``k``."""
-    rows = np.concatenate([p[0] for p in parts], axis=1)
-    d2 = np.concatenate([p[1] for p in parts], axis=1)
-    if rows.shape[1] > k:
-        part = np.argpartition(d2, k - 1, axis=1)[:, :k]
-        rows, d2 = np.take_along_axis(rows, part, 1), np.take_along_axis(d2, part, 1)
-    if rows.shape[1] > 1:
-        order = np.argsort(d2, axis=1, kind="stable")
-        rows, d2 = np.take_along_axis(rows, order, 1), np.take_along_axis(d2, order, 1)
-    if rows.shape[1] < k:
-        pad = k - rows.shape[1]
-        rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
-        d2 = np.pad(d2, ((0, 0), (0, pad)), constant_values=np.inf)
-    return rows, d2.astype(np.float32, copy=False)
 
 
 def padded(res: SearchResult, k: int) -> tuple[np.ndarray, np.ndarray]:
