@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from hardneg.trainer.config import (
-    DEVICES, GLOBAL_STRATEGIES, INBATCH_STRATEGIES, INDEX_KINDS, LOSSES, MINING_MODES, POSITIVES, PROTOCOLS,
-    TrainConfig,
+    DEVICES, GLOBAL_STRATEGIES, INBATCH_STRATEGIES, INDEX_KINDS, LOSSES, MINING_MODES, MODES, POSITIVES,
+    PROTOCOLS, SSL_NEGATIVES, TrainConfig,
 )
 
 _REPORTED = (("precision_at_1", "P@1"), ("recall_at_1", "Recall@1"), ("recall_at_5", "Recall@5"),
@@ -35,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--model", metavar="MODULE:ATTR", help="your own nn.Module factory (called with input_shape "
                    "and embedding_dim if it accepts them); default: a small CNN for images, an MLP for vectors")
     t.add_argument("--loss", choices=LOSSES)
+    _selfsup_args(t)
     t.add_argument("--mining", choices=MINING_MODES, help="global: mine each refresh's snapshot (default); "
                    "in-batch: batch-hard or semi-hard inside each batch; random: random triplets/pairs")
     t.add_argument("--strategy", choices=sorted(set(GLOBAL_STRATEGIES + INBATCH_STRATEGIES)),
@@ -87,6 +88,27 @@ def _data_args(p: argparse.ArgumentParser, suppress: bool = False) -> None:
     p.add_argument("--eval-data", metavar="SOURCE", help="a separate evaluation set (then all of --data trains)",
                    **kw)
     p.add_argument("--protocol", choices=PROTOCOLS, help="how --data is split when --eval-data is not given", **kw)
+
+
+def _selfsup_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("self-supervised mode", "SimCLR: two augmented views of an image are a positive "
+                             "pair, the batch's other images are negatives, and no training label is read. The "
+                             "augmentation strengths (aug_crop_min_scale, aug_crop_max_ratio, aug_brightness, "
+                             "aug_contrast, aug_noise) are set in --config FILE.")
+    g.add_argument("--mode", choices=MODES, help="supervised (default): labels give positives and negatives; "
+                   "self-supervised: augmented views of images, NT-Xent loss")
+    g.add_argument("--temperature", type=float, help="NT-Xent temperature (default 0.5)")
+    g.add_argument("--ssl-negatives", choices=SSL_NEGATIVES, help="mined (default): each refresh's snapshot gives "
+                   "every image its nearest other images, and batches are composed so that they meet; in-batch: "
+                   "random batches (plain SimCLR)")
+    g.add_argument("--ssl-per-anchor", type=int, metavar="N", help="mined negatives that join each seed image")
+    g.add_argument("--ssl-candidates", type=int, metavar="N", help="neighbours per image the negatives come from")
+    g.add_argument("--ssl-skip", type=int, metavar="N", help="nearest neighbours never used as negatives")
+    g.add_argument("--ssl-max-similarity", type=float, metavar="COS",
+                   help="drop candidate negatives with cosine similarity above COS")
+    g.add_argument("--ssl-near-duplicate", type=float, metavar="D2",
+                   help="drop candidate negatives within d² D2 of the image")
+    g.add_argument("--aug-flip", type=float, metavar="P", help="horizontal-flip probability (default 0)")
 
 
 _NOT_CONFIG = ("func", "command", "verbose", "config", "resume", "resume_if_exists", "checkpoint", "split",

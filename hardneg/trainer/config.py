@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 from hardneg.miner.errors import ValidationError
+from hardneg.trainer.augment import AugmentConfig
 
 PROTOCOLS = ("heldout-classes", "heldout-samples")
 LOSSES = ("triplet", "contrastive")
@@ -28,6 +29,8 @@ FALLBACKS = ("hardest", "skip")
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 DEVICES = ("cpu", "cuda")
 IMAGE_MODES = ("L", "RGB")
+MODES = ("supervised", "self-supervised")
+SSL_NEGATIVES = ("mined", "in-batch")
 
 # The strategy each mining mode uses when --strategy is not given.
 DEFAULT_STRATEGY = {"global": "semihard", "in-batch": "semihard", "random": None}
@@ -81,6 +84,21 @@ class TrainConfig:
     run_dir: str | None = None  # None: runs/<timestamp>
     keep_snapshots: int = 5
     eval_batch_size: int = 1024  # embedding only, no graph: large batches are cheap
+    # ---- self-supervised mode (hardneg.trainer.selfsup): two augmented views are a positive; labels unread
+    mode: str = "supervised"  # supervised | self-supervised
+    temperature: float = 0.5  # NT-Xent; on digits 0.1 and 0.2 peak early, then fall (docs/benchmarks.md)
+    ssl_negatives: str = "mined"  # mined: batches composed from each refresh's snapshot | in-batch: plain SimCLR
+    ssl_per_anchor: int = 1  # mined negatives that join each seed image in its batch
+    ssl_candidates: int = 64  # nearest neighbours per image (after the skip) a seed's negatives come from
+    ssl_skip: int = 128  # never-used nearest: ~one digit class; same-digit share of the mined 18%, 86% at skip 16
+    ssl_max_similarity: float | None = None  # drop candidates whose cosine similarity is above this
+    ssl_near_duplicate: float | None = None  # drop candidates within this d² of the image
+    aug_crop_min_scale: float = AugmentConfig.crop_min_scale  # smallest crop, as a fraction of the image's area
+    aug_crop_max_ratio: float = AugmentConfig.crop_max_ratio  # crop aspect ratios in [1/r, r]
+    aug_flip: float = AugmentConfig.flip  # horizontal-flip probability; flips lowered MAP@R on digits
+    aug_brightness: float = AugmentConfig.brightness  # additive shift in [-b, b]
+    aug_contrast: float = AugmentConfig.contrast  # contrast factor in [1 - c, 1 + c]
+    aug_noise: float = AugmentConfig.noise  # Gaussian noise's standard deviation
 
     # ------------------------------------------------------------ building
     @classmethod
@@ -129,6 +147,7 @@ class TrainConfig:
         _choice("index", self.index, INDEX_KINDS)
         _choice("device", self.device, DEVICES)
         _choice("image_mode", self.image_mode, IMAGE_MODES)
+        self._validate_selfsup()
         if self.strategy is not None:
             if self.mining == "random":
                 raise ValidationError(f"strategy {self.strategy!r} has no meaning with mining 'random'; "
@@ -140,7 +159,7 @@ class TrainConfig:
             _at_least(name, getattr(self, name), 1)
         for name in ("warmup_epochs", "window_skip", "seed"):
             _at_least(name, getattr(self, name), 0)
-        if self.warmup_epochs >= self.epochs and self.mining == "global":
+        if self.warmup_epochs >= self.epochs and self.mining == "global" and self.mode == "supervised":
             raise ValidationError(f"warmup_epochs ({self.warmup_epochs}) must be below epochs ({self.epochs}) with "
                                   f"mining 'global', or no epoch would train on mined triplets")
         _positive("lr", self.lr)
@@ -161,6 +180,20 @@ class TrainConfig:
         for name in ("data", "store"):
             if not getattr(self, name):
                 raise ValidationError(f"{name} must not be empty")
+
+    def _validate_selfsup(self) -> None:
+        _choice("mode", self.mode, MODES)
+        _choice("ssl_negatives", self.ssl_negatives, SSL_NEGATIVES)
+        _positive("temperature", self.temperature)
+        _at_least("ssl_per_anchor", self.ssl_per_anchor, 1)
+        if self.mode == "self-supervised" and self.batch_size < max(2, self.ssl_per_anchor + 1):
+            raise ValidationError(f"batch_size ({self.batch_size}) must hold a seed image and its ssl_per_anchor "
+                                  f"({self.ssl_per_anchor}) negatives in self-supervised mode; accepted: "
+                                  f"batch_size >= {max(2, self.ssl_per_anchor + 1)}")
+        # the strengths and the mining guards are checked where they are used
+        from hardneg.trainer.selfsup import SelfSupervised  # imports this module, so imported when first needed
+
+        SelfSupervised(self)
 
     # ----------------------------------------------------------- schedule
     def is_refresh_epoch(self, epoch: int) -> bool:

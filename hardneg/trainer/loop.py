@@ -43,6 +43,7 @@ from hardneg.trainer.losses import contrastive_loss, triplet_loss
 from hardneg.trainer.models import build_model
 from hardneg.trainer.plots import plot_history
 from hardneg.trainer.refresh import RefreshResult, SnapshotPublisher, mining_config, refresh, seed_for
+from hardneg.trainer.selfsup import SelfSupervised
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ class RunState:
     snapshot: str | None = None  # the newest snapshot this run published
     snapshot_epoch: int | None = None  # the epoch whose model that snapshot holds
     best_map_at_r: float = -math.inf
+    ssl_negatives: np.ndarray | None = None  # self-supervised: (n, C) mined negatives of the current refresh window
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,7 @@ class Trainer:
         self.publisher = SnapshotPublisher(self.store, cfg, self.model_spec)
         self.x_train, self.y_train = self._to_device(splits.train)
         self.x_eval, _ = self._to_device(splits.eval)
+        self.selfsup = SelfSupervised.for_run(cfg, splits.train) if cfg.mode == "self-supervised" else None
         # in-batch mode mines with its strategy; global mining may warm up with the warm-up strategy
         inbatch_strategy = cfg.resolved_strategy if cfg.mining == "in-batch" else cfg.warmup_strategy
         self.inbatch = make_inbatch_miner(inbatch_strategy, cfg.margin) if cfg.mining != "random" else None
@@ -234,6 +237,8 @@ class Trainer:
                          snapshot=ckpt["snapshot"], snapshot_epoch=ckpt["snapshot_epoch"],
                          best_map_at_r=ckpt["best_map_at_r"])
         log.info("resuming %s after epoch %d of %d", run_dir, state.epoch, cfg.epochs)
+        if ckpt.get("ssl_negatives") is not None:
+            state.ssl_negatives = ckpt["ssl_negatives"].numpy()
         return cls(cfg, load_splits(cfg), run_dir, state, ckpt)
 
     def _to_device(self, ds: ArrayDataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,6 +265,8 @@ class Trainer:
         done = self.state.epoch
         meta = {"epoch": done, "step": self.state.step, "metrics": self.state.history[-1]["metrics"],
                 "reason": "final" if epoch is None else "refresh", "run_dir": str(self.run_dir)}
+        if self.selfsup is not None:
+            return self._refresh_selfsup(epoch, meta)
         mine_for = epoch if self.cfg.mining == "global" and epoch is not None else None
         result = refresh(self.model, self.x_train, self.splits.train.y, self.publisher, meta, mine_for)
         self.state.snapshot, self.state.snapshot_epoch = result.snapshot, done
@@ -279,7 +286,24 @@ class Trainer:
             log.warning("epoch %d: the miner found no tuples; training on random ones instead", epoch)
         return self._random_tuples(epoch)
 
+    def _refresh_selfsup(self, epoch: int | None, meta: dict[str, Any]) -> RefreshResult:
+        """Publish (the snapshot carries the data's labels, for serving) and mine negatives without labels."""
+        assert self.selfsup is not None
+        result, negatives = self.selfsup.refresh(self.model, self.x_train, self.splits.train.y, self.publisher, meta,
+                                                 mine=epoch is not None)
+        self.state.snapshot, self.state.snapshot_epoch = result.snapshot, self.state.epoch
+        if negatives is not None:
+            self.state.ssl_negatives = negatives
+        return result
+
     def _train_epoch(self, epoch: int) -> EpochStats:
+        if self.selfsup is not None:  # label-free: two views per image, NT-Xent (hardneg.trainer.selfsup)
+            desc = f"epoch {epoch}/{self.cfg.epochs}"
+            stats = self.selfsup.train_epoch(self.model, self.optimizer, self.x_train, self.state.ssl_negatives,
+                                             epoch, EpochStats(), desc)
+            self.state.step += stats.steps
+            self.state.epoch = epoch
+            return stats
         rng = np.random.default_rng(seed_for(self.cfg.seed, epoch, _SHUFFLE))
         desc = f"epoch {epoch}/{self.cfg.epochs}"
         plan = self._epoch_plan(epoch)
@@ -327,6 +351,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
             "mined": s.mined.to_state() if s.mined is not None else None,
             "snapshot": s.snapshot, "snapshot_epoch": s.snapshot_epoch,
+            "ssl_negatives": torch.from_numpy(s.ssl_negatives) if s.ssl_negatives is not None else None,
             "history": s.history, "best_map_at_r": s.best_map_at_r,
         })
 

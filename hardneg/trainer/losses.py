@@ -52,10 +52,12 @@ def triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.T
                                min=0), reduction)
 
 
-def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5,
+                 reduction: str = "mean") -> torch.Tensor:
     """NT-Xent (SimCLR) of two views ``z1``, ``z2`` (N, D) of the same N items; mean over all 2N views.
 
     ``l(i, j) = -log( exp(sim(i, j)/t) / sum_{k != i} exp(sim(i, k)/t) )`` with ``sim`` the cosine similarity.
+    Returns the mean (a scalar), or with ``reduction="none"`` the (2N,) per-view terms: views of ``z1`` first.
     """
     _check_rows(z1, z2)
     if not temperature > 0:
@@ -66,7 +68,7 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -
     self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
     logits = logits.masked_fill(self_mask, float("-inf"))
     targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(logits, targets)
+    return _reduce(F.cross_entropy(logits, targets, reduction="none"), reduction)
 
 
 def _reduce(terms: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -1,0 +1,317 @@
+"""Self-supervised mode (``hardneg train --mode self-supervised``): SimCLR with index-mined hard negatives.
+
+No label is read here. Positives are two random views of the same image (:mod:`hardneg.trainer.augment`)
+and the loss is NT-Xent (Chen et al. 2020, SimCLR; :func:`hardneg.trainer.losses.nt_xent_loss`): each view
+must pick its partner view out of the 2B - 1 other views of the batch, so every other image of the batch is
+a negative.
+
+Hard negatives from the index (``ssl_negatives = "mined"``). At each refresh the trainer embeds the training
+set and publishes a snapshot as in supervised mode; :func:`mine_negatives` then searches the embeddings in a
+label-free index (every label 0, so no label can steer the search) for every image's nearest other images,
+and keeps, as that image's candidate negatives, those that pass three false-negative guards (in a label-free
+setting the nearest images are often the same object class, i.e. false negatives):
+
+* skip the nearest ``ssl_skip`` neighbours (the rank-window guard of sentence-transformers / FlagEmbedding);
+  about the size of the groups of images that belong together: on digits (~135 training images per digit)
+  the nearest 16 are 86 % the same digit, the ranks after 128 18 %;
+* a similarity ceiling: drop candidates with cosine similarity above ``ssl_max_similarity``;
+* near-duplicates: drop candidates within d² ``ssl_near_duplicate`` of the image (the miner's guard).
+
+The mined negatives act through the *composition of the batches* (:func:`compose_batches`), not through extra
+terms in the loss: each epoch, a seed image and ``ssl_per_anchor`` of its candidates form a group, groups
+fill the batches, and NT-Xent is computed over the batch as usual. Why composition rather than adding the
+mined negatives' embeddings to the NT-Xent denominator:
+
+* the mined negatives are embedded fresh, with gradients, by the model being trained; the snapshot's
+  embeddings are up to ``refresh_every`` epochs old, and stale negatives without gradient are what MoCo
+  (He et al. 2020) needed a momentum encoder to make consistent;
+* a step costs exactly what a plain SimCLR step costs (the same number of views), so the only extra cost is
+  the refresh, and an epoch still shows every image once;
+* every image of a group is a hard negative of every other (they are neighbours of one seed), so hardness
+  reaches all 2B views, not only the anchors; the loss stays the standard NT-Xent.
+
+This is the proximity-graph batch sampling of Yang et al. 2023 ("BatchSampler: Sampling Mini-Batches for
+Contrastive Learning in Vision, Language, and Graphs"), with the kNN graph read from hardneg's snapshot.
+Before the first refresh (``warmup_epochs``) and with ``ssl_negatives = "in-batch"``, batches are a seeded
+permutation: plain SimCLR.
+
+The snapshot carries the data's labels (for serving and filtered search; placeholder ones for unlabelled
+data); mining reads only the embeddings. Evaluation (P@1, MAP@R) uses the evaluation split's labels, as in
+supervised mode; training never does. On digits the mined batches tie with plain SimCLR at equal wall-clock
+time and lead slightly, within the spread, at equal epochs (docs/benchmarks.md, "Self-supervised").
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from hardneg.miner.errors import ValidationError
+from hardneg.miner.index import VectorIndex
+from hardneg.miner.mining.guards import Guard, NearDuplicateGuard, apply_guards
+from hardneg.miner.mining.search import padded
+from hardneg.trainer.augment import AugmentConfig, augment
+from hardneg.trainer.config import TrainConfig
+from hardneg.trainer.data import ArrayDataset
+from hardneg.trainer.losses import nt_xent_loss
+from hardneg.trainer.refresh import RefreshResult, SnapshotPublisher, embed_items, seed_for
+
+log = logging.getLogger(__name__)
+
+# Purposes of this mode's per-epoch random streams (hardneg.trainer.refresh.seed_for); the loop uses 0-2.
+_AUGMENT, _BATCHES = 3, 4
+
+
+class TermStats(Protocol):
+    """Where an epoch's per-view loss terms go (the loop's ``EpochStats``)."""
+
+    steps: int
+
+    def add(self, terms: torch.Tensor) -> None: ...
+
+
+# ------------------------------------------------------------------ mining
+@dataclass(frozen=True)
+class NegativeMining:
+    """How candidate negatives are mined without labels (see the module docstring for the guards)."""
+
+    candidates: int  # neighbours kept per image after the skip, before the guards
+    skip: int  # nearest neighbours never used as negatives
+    max_similarity: float | None  # cosine ceiling
+    near_duplicate: float | None  # d² floor
+
+    def __post_init__(self) -> None:
+        if self.candidates < 1:
+            raise ValidationError(f"ssl_candidates must be an integer >= 1, got {self.candidates}")
+        if self.skip < 0:
+            raise ValidationError(f"ssl_skip must be an integer >= 0, got {self.skip}")
+        if self.max_similarity is not None and not -1.0 < self.max_similarity <= 1.0:
+            raise ValidationError(f"ssl_max_similarity must be a cosine similarity in (-1, 1], got "
+                                  f"{self.max_similarity}")
+        if self.near_duplicate is not None and not 0.0 <= self.near_duplicate < 4.0:
+            raise ValidationError(f"ssl_near_duplicate must be a d² threshold in [0, 4) (unit vectors: d² <= 4), "
+                                  f"got {self.near_duplicate}")
+
+
+@dataclass(frozen=True)
+class SimilarityCeilingGuard(Guard):
+    """Drop candidates whose cosine similarity to the image, ``1 - d²/2``, exceeds ``ceiling``."""
+
+    ceiling: float
+    name: ClassVar[str] = "max_similarity"
+
+    def drops(self, d2: np.ndarray, d2_pos: np.ndarray) -> np.ndarray:
+        return (1.0 - d2 / 2.0) > self.ceiling
+
+
+@dataclass(frozen=True)
+class MinedNegatives:
+    """Candidate negatives per image: ``table`` (n, C) int64 image indices, nearest first, ``-1``-padded."""
+
+    table: np.ndarray
+    stats: dict[str, Any]
+
+
+def mine_negatives(vectors: np.ndarray, mining: NegativeMining, index: str = "flat",
+                   seed: int = 0) -> MinedNegatives:
+    """Each image's nearest other images that pass the guards, searched in a label-free index.
+
+    Args:
+        vectors: (n, d) embeddings of the training images, row ``i`` = image ``i``.
+        mining: the search depth and the guards.
+        index: the FAISS index kind (``flat``: exact).
+        seed: IVF's k-means seed.
+
+    Returns:
+        :class:`MinedNegatives` with ``table`` (n, mining.candidates) and statistics: how many candidates
+        the skip and each guard removed, how many images kept none, and the mean d² of those kept.
+    """
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or len(vectors) < 2:
+        raise ValidationError(f"mining negatives needs (n, d) embeddings of n >= 2 images, got shape "
+                              f"{vectors.shape}")
+    n = len(vectors)
+    ids = np.arange(n, dtype=np.int64)
+    # Every label 0: the search sees no label, and the rows hold the images in id order.
+    idx = VectorIndex.build(vectors, np.zeros(n, np.int64), ids, metric="cosine", index=index, seed=seed)
+    k = min(mining.skip + mining.candidates, n - 1)
+    rows, d2 = padded(idx.search(vectors, k, exclude_self=ids), k)
+    found = rows >= 0
+    rows, d2, valid = rows[:, mining.skip:], d2[:, mining.skip:], found[:, mining.skip:]
+    guards: list[Guard] = []
+    if mining.near_duplicate is not None:
+        guards.append(NearDuplicateGuard(mining.near_duplicate))
+    if mining.max_similarity is not None:
+        guards.append(SimilarityCeilingGuard(mining.max_similarity))
+    keep, dropped = apply_guards(guards, d2, valid, np.zeros(n, np.float32))
+    table = np.full((n, mining.candidates), -1, np.int64)
+    # Kept candidates move left in their order (nearest first); a stable sort on "not kept" does that.
+    order = np.argsort(~keep, axis=1, kind="stable")
+    compact = np.where(np.take_along_axis(keep, order, 1), idx.ids[np.take_along_axis(rows, order, 1)], -1)
+    table[:, :compact.shape[1]] = compact
+    kept = keep.sum(1)
+    stats = {
+        "images": n, "searched": int(found.sum()), "skipped": int(found[:, :mining.skip].sum()),
+        "dropped": {name: int(v.sum()) for name, v in dropped.items()},
+        "kept": int(kept.sum()), "images_without_negatives": int((kept == 0).sum()),
+        "mean_d2_kept": float(d2[keep].mean()) if keep.any() else None,
+    }
+    return MinedNegatives(table, stats)
+
+
+# ----------------------------------------------------------------- batches
+def random_batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """A seeded permutation of ``range(n)`` cut into batches of ``batch_size`` (plain SimCLR)."""
+    perm = rng.permutation(n)
+    return [perm[s:s + batch_size] for s in range(0, n, batch_size)]
+
+
+def compose_batches(table: np.ndarray, per_anchor: int, batch_size: int,
+                    rng: np.random.Generator) -> list[np.ndarray]:
+    """Batches in which each seed image meets up to ``per_anchor`` of its mined negatives.
+
+    Seeds are taken in a random order; a seed not yet placed this epoch takes ``per_anchor`` of its
+    candidates (``table`` (n, C), ``-1``-padded) not yet placed either, drawn at random, and forms a group
+    with them. Groups fill batches in order and are never split, so every image appears exactly once per
+    epoch and every batch holds at most ``batch_size`` images.
+
+    Returns the batches as int64 arrays of image indices.
+    """
+    n, c = table.shape
+    if batch_size < per_anchor + 1:
+        raise ValidationError(f"batch_size ({batch_size}) must hold a seed and its ssl_per_anchor ({per_anchor}) "
+                              f"negatives; accepted: batch_size >= {per_anchor + 1}")
+    # Shuffle each row's candidates (padding last) so that the first unplaced ones are a random draw.
+    keys = np.where(table >= 0, rng.random((n, c)), np.inf)
+    shuffled = np.take_along_axis(table, np.argsort(keys, axis=1, kind="stable"), 1).tolist()
+    placed = bytearray(n)
+    batches: list[np.ndarray] = []
+    current: list[int] = []
+    # A Python loop over seeds (a few microseconds each): groups depend on what earlier groups placed.
+    for seed in rng.permutation(n).tolist():
+        if placed[seed]:
+            continue
+        group = [seed]
+        placed[seed] = 1
+        for j in shuffled[seed]:
+            if len(group) > per_anchor or j < 0:
+                break
+            if not placed[j]:
+                group.append(j)
+                placed[j] = 1
+        if len(current) + len(group) > batch_size:
+            batches.append(np.asarray(current, np.int64))
+            current = []
+        current.extend(group)
+    if current:
+        batches.append(np.asarray(current, np.int64))
+    return batches
+
+
+# --------------------------------------------------------------- training
+class SelfSupervised:
+    """The self-supervised part of a :class:`~hardneg.trainer.loop.Trainer` run, configured from ``cfg``."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.seed = cfg.seed
+        self.batch_size = cfg.batch_size
+        self.temperature = cfg.temperature
+        self.negatives = cfg.ssl_negatives
+        self.per_anchor = cfg.ssl_per_anchor
+        self.index = cfg.index
+        self.augment = AugmentConfig(crop_min_scale=cfg.aug_crop_min_scale, crop_max_ratio=cfg.aug_crop_max_ratio,
+                                     flip=cfg.aug_flip, brightness=cfg.aug_brightness, contrast=cfg.aug_contrast,
+                                     noise=cfg.aug_noise)
+        self.mining = NegativeMining(candidates=cfg.ssl_candidates, skip=cfg.ssl_skip,
+                                     max_similarity=cfg.ssl_max_similarity, near_duplicate=cfg.ssl_near_duplicate)
+
+    @classmethod
+    def for_run(cls, cfg: TrainConfig, train: ArrayDataset) -> SelfSupervised:
+        """The mode for a run on ``train``: images (n, C, H, W) with n >= 2, in a single process."""
+        if not train.is_image:
+            raise ValidationError(f"mode 'self-supervised' augments images (C, H, W), but {train.name} holds items "
+                                  f"of shape {train.input_shape}; use mode 'supervised' for feature vectors")
+        if len(train) < 2:
+            raise ValidationError(f"mode 'self-supervised' needs at least 2 training images (one image has no "
+                                  f"negative), {train.name} has {len(train)}")
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            raise ValidationError("mode 'self-supervised' runs in a single process; start it without torchrun (the "
+                                  "supervised mode trains under torchrun)")
+        return cls(cfg)
+
+    @property
+    def mines(self) -> bool:
+        """True when refreshes mine negatives for the following epochs' batches."""
+        return self.negatives == "mined"
+
+    def refresh(self, model: nn.Module, x: torch.Tensor, labels: np.ndarray, publisher: SnapshotPublisher,
+                meta: Mapping[str, Any], mine: bool) -> tuple[RefreshResult, np.ndarray | None]:
+        """Embed the training images ``x`` (n, C, H, W), publish a snapshot, and mine negatives when ``mine``.
+
+        ``labels`` (n,) only go into the snapshot (for serving and for filtered search); mining searches the
+        embeddings alone. Returns the refresh's result (its ``stats`` are the mining statistics) and the mined
+        ``(n, ssl_candidates)`` table, or ``None`` when nothing was mined.
+        """
+        embeddings = embed_items(model, x, publisher.cfg.eval_batch_size)
+        published = publisher.publish(model, embeddings, labels, meta)
+        if not (mine and self.mines):
+            return RefreshResult(published.name, None, None), None
+        mined = mine_negatives(embeddings, self.mining, self.index, self.seed)
+        st = mined.stats
+        if st["images_without_negatives"] == st["images"]:
+            log.warning("snapshot %s: no image kept a mined negative (%d images; ssl_skip %d, guards %s), so the "
+                        "batches are random; lower ssl_skip or loosen the guards", published.name, st["images"],
+                        self.mining.skip, st["dropped"])
+        else:
+            log.info("snapshot %s: mined negatives for %d of %d images", published.name,
+                     st["images"] - st["images_without_negatives"], st["images"])
+        return RefreshResult(published.name, None, mined.stats), mined.table
+
+    def batches(self, n: int, negatives: np.ndarray | None, epoch: int) -> list[np.ndarray]:
+        """The epoch's batches: composed from the mined ``negatives`` (n, C), or random without them."""
+        rng = np.random.default_rng(seed_for(self.seed, epoch, _BATCHES))
+        if negatives is None:
+            return random_batches(n, self.batch_size, rng)
+        if negatives.shape[0] != n:
+            raise ValidationError(f"mined negatives cover {negatives.shape[0]} images but the training set has {n}")
+        return compose_batches(negatives, self.per_anchor, self.batch_size, rng)
+
+    def loss_terms(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """NT-Xent terms (2B,) of two random views of each image of ``x`` (B, C, H, W), embedded in one pass."""
+        v1 = augment(x, self.augment, generator)
+        v2 = augment(x, self.augment, generator)
+        z1, z2 = model(torch.cat([v1, v2])).chunk(2)
+        return nt_xent_loss(z1, z2, self.temperature, reduction="none")
+
+    def train_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                    negatives: np.ndarray | None, epoch: int, stats: TermStats, desc: str = "") -> TermStats:
+        """One pass over the training images ``x`` (n, C, H, W); adds every step's terms to ``stats``.
+
+        The views are drawn from a generator seeded by (seed, epoch) on ``x``'s device, the batches from
+        a numpy generator seeded the same way: a run resumed at an epoch boundary draws what the
+        uninterrupted run drew.
+        """
+        generator = torch.Generator(device=x.device)
+        generator.manual_seed(int(seed_for(self.seed, epoch, _AUGMENT).generate_state(1)[0]))
+        model.train()
+        for sel in _progress(self.batches(len(x), negatives, epoch), desc):
+            if len(sel) < 2:
+                continue  # one image has no negative: NT-Xent is 0 with no gradient
+            terms = self.loss_terms(model, x[torch.from_numpy(sel).to(x.device)], generator)
+            optimizer.zero_grad(set_to_none=True)
+            terms.mean().backward()
+            optimizer.step()
+            stats.add(terms)
+        return stats
+
+
+def _progress(batches: list[np.ndarray], desc: str) -> Iterator[np.ndarray]:
+    yield from tqdm(batches, desc=desc, leave=False, disable=not (desc and sys.stderr.isatty()))
