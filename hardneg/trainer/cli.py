@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from hardneg.trainer.config import (
-    DEVICES, GLOBAL_STRATEGIES, INBATCH_STRATEGIES, INDEX_KINDS, LOSSES, MINING_MODES, MODES, POSITIVES,
-    PROTOCOLS, SSL_NEGATIVES, TrainConfig,
+    BATCHINGS, DEVICES, GLOBAL_BATCHES, GLOBAL_STRATEGIES, INBATCH_STRATEGIES, INDEX_KINDS, LOSSES, MINING_MODES,
+    MODES, POSITIVES, PROTOCOLS, SSL_NEGATIVES, TrainConfig,
 )
 
 _REPORTED = (("precision_at_1", "P@1"), ("recall_at_1", "Recall@1"), ("recall_at_5", "Recall@5"),
@@ -53,6 +53,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--window-skip", type=int, help="window strategy: nearest negatives skipped")
     t.add_argument("--window-width", type=int, help="window strategy: negatives sampled from after the skip")
     t.add_argument("--candidates", type=int, help="nearest wrong-label neighbours searched per anchor")
+    t.add_argument("--global-batches", choices=GLOBAL_BATCHES,
+                   help="global mining: train on the mined tuples, or on batches of a class and its nearest "
+                        "classes in the snapshot, mined in-batch")
+    t.add_argument("--batching", choices=BATCHINGS,
+                   help="item batches of in-batch mining and warm-up: random, or pk (P classes x K items)")
+    t.add_argument("--per-class", type=int, metavar="K", help="pk and class batches: items of each class per batch")
+    t.add_argument("--inbatch-strategy", choices=INBATCH_STRATEGIES,
+                   help="global mining: the in-batch miner of class batches and of mixed tuple batches")
+    t.add_argument("--inbatch-mix", type=float, metavar="WEIGHT",
+                   help="global tuples: add WEIGHT x the in-batch loss over each batch of mined triplets' items")
     t.add_argument("--margin", type=float, help="margin m in squared-distance units")
     t.add_argument("--embedding-dim", type=int)
     t.add_argument("--lr", type=float)

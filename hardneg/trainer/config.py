@@ -9,6 +9,7 @@ checkpoint and snapshot manifest (:meth:`TrainConfig.to_dict`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -23,6 +24,8 @@ LOSSES = ("triplet", "contrastive")
 MINING_MODES = ("global", "in-batch", "random")
 GLOBAL_STRATEGIES = ("hardest", "semihard", "window", "distance-weighted")
 INBATCH_STRATEGIES = ("batch-hard", "semihard")
+BATCHINGS = ("random", "pk")
+GLOBAL_BATCHES = ("tuples", "classes")
 WARMUPS = ("random", "in-batch")
 POSITIVES = ("random", "hardest")
 FALLBACKS = ("hardest", "skip")
@@ -76,6 +79,11 @@ class TrainConfig:
     positive_aware: float | None = None  # NV-Retriever TopK-PercPos: drop negatives with sim > this x positive's
     near_duplicate: float | None = None  # drop negatives within this d² of the anchor
     candidates: int = 64  # nearest wrong-label neighbours searched per anchor
+    global_batches: str = "tuples"  # global: train on mined tuples, or on batches of confusable classes
+    batching: str = "random"  # item batches of in-batch mining (and warm-up): random | pk (P classes x K items)
+    per_class: int = 4  # pk and class batches: K items of each class (Hermans et al. 2017's K)
+    inbatch_strategy: str = "batch-hard"  # global: the in-batch miner of class batches and of mixed tuples
+    inbatch_mix: float = 0.0  # global tuples: weight of in-batch terms over each batch's items, added to its loss
     index: str = "flat"  # exact search: the training set is small and snapshots are rebuilt often
     # ---- run
     seed: int = 0
@@ -145,6 +153,9 @@ class TrainConfig:
         _choice("positive", self.positive, POSITIVES)
         _choice("semihard_fallback", self.semihard_fallback, FALLBACKS)
         _choice("index", self.index, INDEX_KINDS)
+        _choice("batching", self.batching, BATCHINGS)
+        _choice("global_batches", self.global_batches, GLOBAL_BATCHES)
+        _choice("inbatch_strategy", self.inbatch_strategy, INBATCH_STRATEGIES)
         _choice("device", self.device, DEVICES)
         _choice("image_mode", self.image_mode, IMAGE_MODES)
         self._validate_selfsup()
@@ -162,6 +173,7 @@ class TrainConfig:
         if self.warmup_epochs >= self.epochs and self.mining == "global" and self.mode == "supervised":
             raise ValidationError(f"warmup_epochs ({self.warmup_epochs}) must be below epochs ({self.epochs}) with "
                                   f"mining 'global', or no epoch would train on mined triplets")
+        self._validate_batching()
         _positive("lr", self.lr)
         _positive("margin", self.margin)
         _positive("dw_cutoff", self.dw_cutoff)
@@ -180,6 +192,20 @@ class TrainConfig:
         for name in ("data", "store"):
             if not getattr(self, name):
                 raise ValidationError(f"{name} must not be empty")
+
+    def _validate_batching(self) -> None:
+        _at_least("per_class", self.per_class, 2)
+        class_batches = self.batching == "pk" or (self.mining == "global" and self.global_batches == "classes")
+        if class_batches and self.batch_size < 2 * self.per_class:
+            raise ValidationError(f"batch_size ({self.batch_size}) must hold at least 2 classes of per_class "
+                                  f"({self.per_class}) items for class batches (batching 'pk' or global_batches "
+                                  f"'classes'); accepted: batch_size >= {2 * self.per_class}")
+        if not (math.isfinite(self.inbatch_mix) and self.inbatch_mix >= 0):
+            raise ValidationError(f"inbatch_mix must be a finite number >= 0, got {self.inbatch_mix}")
+        if self.inbatch_mix > 0 and (self.mining != "global" or self.global_batches != "tuples"):
+            raise ValidationError("inbatch_mix adds in-batch terms to batches of mined tuples, so it needs mining "
+                                  "'global' with global_batches 'tuples' (class batches are all in-batch already); "
+                                  "set inbatch_mix = 0 otherwise")
 
     def _validate_selfsup(self) -> None:
         _choice("mode", self.mode, MODES)

@@ -4,8 +4,11 @@ One epoch ``e`` (1-based) of :class:`Trainer`:
 
 1. if ``cfg.is_refresh_epoch(e)``: embed the training set, publish a snapshot, and (mining ``global``)
    mine the tuples for epochs ``e .. e + refresh_every - 1`` from it (:mod:`hardneg.trainer.refresh`);
-2. train on the epoch's tuples (:func:`train_on_tuples`) or with in-batch mining (:func:`train_in_batch`);
-   before the first snapshot, global mining warms up on random tuples or in-batch mining;
+2. train on the epoch's tuples (:func:`train_on_tuples`, optionally mixed with in-batch mining over each
+   batch's items) or with in-batch mining over item batches (:func:`train_in_batch`: random, P x K, or, for
+   global mining with ``global_batches = "classes"``, composed of confusable classes from the snapshot,
+   :mod:`hardneg.trainer.batching`); before the first snapshot, global mining warms up on random tuples or
+   in-batch mining;
 3. evaluate retrieval on the evaluation split, append a line to ``metrics.jsonl``, save ``last.pt``
    (and ``best.pt`` when MAP@R improves), redraw ``plot.png``.
 
@@ -15,6 +18,7 @@ Epoch 0 evaluates the untrained model. Every random choice of epoch ``e`` comes 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -34,6 +38,9 @@ from tqdm import tqdm
 from hardneg.miner.errors import ValidationError
 from hardneg.miner.store import SnapshotStore
 from hardneg.trainer import tuples as tp
+from hardneg.trainer.batching import (
+    BatchSampler, ConfusableClassBatches, RandomBatches, composition_stats, confusable_classes, make_batch_sampler,
+)
 from hardneg.trainer.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from hardneg.trainer.config import TrainConfig
 from hardneg.trainer.data import ArrayDataset, DataSplits, load_splits
@@ -78,22 +85,55 @@ class EpochStats:
                 "steps": self.steps}
 
 
+def tuple_items(batch: tp.TupleSet) -> np.ndarray:
+    """The dataset indices a batch of tuples embeds: (3m,) anchors, positives, negatives, or (2m,) pair members."""
+    parts = [batch.first, batch.second, batch.third] if batch.kind == "triplet" else [batch.first, batch.second]
+    return np.concatenate(parts)
+
+
+def tuple_terms(emb: torch.Tensor, batch: tp.TupleSet, margin: float) -> torch.Tensor:
+    """Per-tuple loss terms (m,) from the embeddings (len(tuple_items(batch)), D) of the batch's items, in order."""
+    if batch.kind == "triplet":
+        a, p, n = emb.chunk(3)
+        return triplet_loss(a, p, n, margin, reduction="none")
+    e1, e2 = emb.chunk(2)
+    return contrastive_loss(e1, e2, torch.from_numpy(batch.third).to(emb.device), margin, reduction="none")
+
+
 def tuple_loss_terms(model: nn.Module, x: torch.Tensor, batch: tp.TupleSet, margin: float) -> torch.Tensor:
     """Per-tuple loss terms (m,) of a batch of triplets (triplet loss) or pairs (contrastive loss)."""
-    dev = x.device
-    if batch.kind == "triplet":
-        idx = torch.from_numpy(np.concatenate([batch.first, batch.second, batch.third])).to(dev)
-        a, p, n = model(x[idx]).chunk(3)
-        return triplet_loss(a, p, n, margin, reduction="none")
-    idx = torch.from_numpy(np.concatenate([batch.first, batch.second])).to(dev)
-    e1, e2 = model(x[idx]).chunk(2)
-    return contrastive_loss(e1, e2, torch.from_numpy(batch.third).to(dev), margin, reduction="none")
+    idx = torch.from_numpy(tuple_items(batch)).to(x.device)
+    return tuple_terms(model(x[idx]), batch, margin)
+
+
+def mixed_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: tp.TupleSet, miner: InBatchMiner,
+               cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mined tuples mixed with in-batch mining over the same batch's items.
+
+    The batch's distinct items are embedded once; ``miner`` then mines triplets among them, so each mined
+    anchor also meets the negatives mined for the other anchors of the batch. Returns ``(loss, terms)``:
+    ``loss = mean(mined terms) + cfg.inbatch_mix * mean(in-batch terms)`` (the second mean is 0 when the
+    miner finds nothing), and ``terms`` (m + t,), the mined terms followed by the in-batch ones.
+    """
+    items = tuple_items(batch)
+    distinct, where = np.unique(items, return_inverse=True)
+    idx = torch.from_numpy(distinct).to(x.device)
+    emb = model(x[idx])
+    mined = tuple_terms(emb[torch.from_numpy(where).to(x.device)], batch, cfg.margin)
+    inbatch = inbatch_terms(emb, y[idx], miner, cfg.loss, cfg.margin)
+    loss = mined.mean() + cfg.inbatch_mix * inbatch.mean() if inbatch.numel() else mined.mean()
+    return loss, torch.cat([mined, inbatch])
 
 
 def inbatch_loss_terms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, miner: InBatchMiner, loss: str,
                        margin: float) -> torch.Tensor:
     """Embed a batch of items ``x`` (B, ...) with labels ``y`` (B,), mine triplets inside it, return loss terms."""
-    emb = model(x)
+    return inbatch_terms(model(x), y, miner, loss, margin)
+
+
+def inbatch_terms(emb: torch.Tensor, y: torch.Tensor, miner: InBatchMiner, loss: str,
+                  margin: float) -> torch.Tensor:
+    """Loss terms (t,) of the triplets ``miner`` finds among embeddings ``emb`` (B, D) with labels ``y`` (B,)."""
     a, p, n = miner(emb, y)
     if loss == "triplet":
         return triplet_loss(emb[a], emb[p], emb[n], margin, reduction="none")
@@ -102,42 +142,63 @@ def inbatch_loss_terms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, miner
     return contrastive_loss(emb[first], emb[second], target, margin, reduction="none")
 
 
-def _batches(n: int, batch_size: int, rng: np.random.Generator, desc: str) -> Iterator[np.ndarray]:
-    """A seeded permutation of range(n) in batches, with a progress bar on a terminal only."""
-    perm = rng.permutation(n)
-    starts = range(0, n, batch_size)
-    for s in tqdm(starts, desc=desc, leave=False, disable=not sys.stderr.isatty()):
-        yield perm[s:s + batch_size]
+def _progress(batches: list[np.ndarray], desc: str) -> Iterator[np.ndarray]:
+    """``batches`` with a progress bar on a terminal only."""
+    yield from tqdm(batches, desc=desc, leave=False, disable=not sys.stderr.isatty())
 
 
-def _step(optimizer: torch.optim.Optimizer, terms: torch.Tensor, stats: EpochStats) -> None:
+def _step(optimizer: torch.optim.Optimizer, terms: torch.Tensor, stats: EpochStats,
+          loss: torch.Tensor | None = None) -> None:
+    """One update on ``loss`` (default: the mean of ``terms``); ``terms`` feed the epoch's statistics."""
     if terms.numel() == 0:
         return  # nothing mined in this batch: no gradient to follow
     optimizer.zero_grad(set_to_none=True)
-    terms.mean().backward()
+    (terms.mean() if loss is None else loss).backward()
     optimizer.step()
     stats.add(terms)
 
 
 def train_on_tuples(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, tuples: tp.TupleSet,
-                    cfg: TrainConfig, rng: np.random.Generator, desc: str) -> EpochStats:
-    """One pass over ``tuples`` (indices into ``x``) in shuffled batches of ``cfg.batch_size``."""
+                    cfg: TrainConfig, rng: np.random.Generator, desc: str, miner: InBatchMiner | None = None,
+                    y: torch.Tensor | None = None) -> EpochStats:
+    """One pass over ``tuples`` (indices into ``x``) in shuffled batches of ``cfg.batch_size``.
+
+    With ``miner`` (and the labels ``y`` (n,)), each batch's loss is :func:`mixed_loss`.
+    """
     stats = EpochStats()
     model.train()
-    for sel in _batches(len(tuples), cfg.batch_size, rng, desc):
-        _step(optimizer, tuple_loss_terms(model, x, tuples.take(sel), cfg.margin), stats)
+    for sel in _progress(RandomBatches.chunks(len(tuples), cfg.batch_size, rng), desc):
+        batch = tuples.take(sel)
+        if miner is None:
+            _step(optimizer, tuple_loss_terms(model, x, batch, cfg.margin), stats)
+        else:
+            assert y is not None, "mixing in-batch mining needs the labels"
+            loss, terms = mixed_loss(model, x, y, batch, miner, cfg)
+            _step(optimizer, terms, stats, loss)
     return stats
 
 
 def train_in_batch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                   miner: InBatchMiner, cfg: TrainConfig, rng: np.random.Generator, desc: str) -> EpochStats:
-    """One pass over the items ``x`` (n, ...) in shuffled batches, mining triplets inside each batch."""
+                   miner: InBatchMiner, cfg: TrainConfig, rng: np.random.Generator, desc: str,
+                   sampler: BatchSampler | None = None) -> EpochStats:
+    """One pass of in-batch mining over the items ``x`` (n, ...): ``sampler``'s batches (default: shuffled)."""
     stats = EpochStats()
     model.train()
-    for sel in _batches(len(x), cfg.batch_size, rng, desc):
+    batches = sampler.batches(rng) if sampler is not None else RandomBatches.chunks(len(x), cfg.batch_size, rng)
+    for sel in _progress(batches, desc):
         idx = torch.from_numpy(sel).to(x.device)
         _step(optimizer, inbatch_loss_terms(model, x[idx], y[idx], miner, cfg.loss, cfg.margin), stats)
     return stats
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """What one epoch trains on: ``tuples`` in shuffled batches (mixed with ``miner`` over each batch's items
+    when ``miner`` is set), or, without tuples, ``miner`` over the item batches of ``sampler``."""
+
+    tuples: tp.TupleSet | None = None
+    miner: InBatchMiner | None = None
+    sampler: BatchSampler | None = None
 
 
 # ------------------------------------------------------------------- state
@@ -151,6 +212,7 @@ class RunState:
     mined: tp.TupleSet | None = None  # global mining: the tuples of the current refresh window
     snapshot: str | None = None  # the newest snapshot this run published
     snapshot_epoch: int | None = None  # the epoch whose model that snapshot holds
+    class_neighbours: np.ndarray | None = None  # global class batches: (C, P) table of the current refresh window
     best_map_at_r: float = -math.inf
     ssl_negatives: np.ndarray | None = None  # self-supervised: (n, C) mined negatives of the current refresh window
 
@@ -199,6 +261,12 @@ class Trainer:
         # in-batch mode mines with its strategy; global mining may warm up with the warm-up strategy
         inbatch_strategy = cfg.resolved_strategy if cfg.mining == "in-batch" else cfg.warmup_strategy
         self.inbatch = make_inbatch_miner(inbatch_strategy, cfg.margin) if cfg.mining != "random" else None
+        # item batches of in-batch mining and of an in-batch warm-up
+        self.sampler = (make_batch_sampler(cfg.batching, splits.train.y, cfg.batch_size, cfg.per_class)
+                        if cfg.mining != "random" else None)
+        # global mining's in-batch miner over class-composed batches, or mixed into mined batches
+        composes = cfg.mining == "global" and (cfg.global_batches == "classes" or cfg.inbatch_mix > 0)
+        self.batch_miner = make_inbatch_miner(cfg.inbatch_strategy, cfg.margin) if composes else None
         if cfg.mining == "global":
             mining_config(cfg)  # the miner validates its options now, before any training
 
@@ -235,7 +303,8 @@ class Trainer:
         state = RunState(epoch=ckpt["epoch"], step=ckpt["step"], history=list(ckpt["history"]),
                          mined=tp.TupleSet.from_state(ckpt["mined"]) if ckpt["mined"] is not None else None,
                          snapshot=ckpt["snapshot"], snapshot_epoch=ckpt["snapshot_epoch"],
-                         best_map_at_r=ckpt["best_map_at_r"])
+                         best_map_at_r=ckpt["best_map_at_r"],
+                         class_neighbours=_array_or_none(ckpt.get("class_neighbours")))
         log.info("resuming %s after epoch %d of %d", run_dir, state.epoch, cfg.epochs)
         if ckpt.get("ssl_negatives") is not None:
             state.ssl_negatives = ckpt["ssl_negatives"].numpy()
@@ -252,9 +321,15 @@ class Trainer:
         if not self.state.history:
             self._finish_epoch(None, None, started)  # epoch 0: the untrained model
         for epoch in range(self.state.epoch + 1, self.cfg.epochs + 1):
+            t0, c0 = time.perf_counter(), time.process_time()
             result = self._refresh(epoch) if self.cfg.is_refresh_epoch(epoch) else None
+            t1, c1 = time.perf_counter(), time.process_time()
             stats = self._train_epoch(epoch)
-            self._finish_epoch(stats, result, started)
+            # What trained this epoch, apart from evaluation, checkpoints and plots: wall-clock seconds, and the
+            # process's CPU seconds (the same on an idle machine with one thread; steadier on a shared one).
+            timing = {"refresh_s": round(t1 - t0, 4), "train_s": round(time.perf_counter() - t1, 4),
+                      "refresh_cpu_s": round(c1 - c0, 4), "train_cpu_s": round(time.process_time() - c1, 4)}
+            self._finish_epoch(stats, result, started, timing)
         if self.state.snapshot_epoch != self.state.epoch:
             self._refresh(None)
             self._save(LAST)
@@ -267,24 +342,39 @@ class Trainer:
                 "reason": "final" if epoch is None else "refresh", "run_dir": str(self.run_dir)}
         if self.selfsup is not None:
             return self._refresh_selfsup(epoch, meta)
-        mine_for = epoch if self.cfg.mining == "global" and epoch is not None else None
+        cfg = self.cfg
+        compose = cfg.mining == "global" and cfg.global_batches == "classes"
+        mine_for = epoch if cfg.mining == "global" and not compose and epoch is not None else None
         result = refresh(self.model, self.x_train, self.splits.train.y, self.publisher, meta, mine_for)
         self.state.snapshot, self.state.snapshot_epoch = result.snapshot, done
         if result.tuples is not None:
             self.state.mined = result.tuples
+        if compose and epoch is not None and result.index is not None:
+            from hardneg.miner.mining.miner import stored_vectors
+
+            vectors, labels = stored_vectors(result.index), result.index.labels
+            table = confusable_classes(vectors, labels, cfg.batch_size // cfg.per_class)
+            self.state.class_neighbours = table
+            result = dataclasses.replace(result, stats=composition_stats(vectors, labels, table))
         return result
 
-    def _epoch_plan(self, epoch: int) -> InBatchMiner | tp.TupleSet:
-        """What ``epoch`` trains on: an in-batch miner, or tuples (mined from the snapshot, or random)."""
-        cfg, mined = self.cfg, self.state.mined
-        if cfg.mining == "in-batch" or (cfg.mining == "global" and mined is None and cfg.warmup == "in-batch"):
+
+    def _epoch_plan(self, epoch: int) -> EpochPlan:
+        """What ``epoch`` trains on: in-batch mining over item batches (random, P x K, or composed from the
+        snapshot), or tuples (mined from the snapshot, optionally mixed with in-batch mining, or random)."""
+        cfg, mined, table = self.cfg, self.state.mined, self.state.class_neighbours
+        if cfg.mining == "global" and cfg.global_batches == "classes" and table is not None:
+            sampler = ConfusableClassBatches(self.splits.train.y, cfg.batch_size, cfg.per_class, table)
+            return EpochPlan(miner=self.batch_miner, sampler=sampler)
+        warming_up = cfg.mining == "global" and mined is None
+        if cfg.mining == "in-batch" or (warming_up and cfg.warmup == "in-batch"):
             assert self.inbatch is not None
-            return self.inbatch
+            return EpochPlan(miner=self.inbatch, sampler=self.sampler)
         if cfg.mining == "global" and mined is not None:
             if len(mined):
-                return mined
+                return EpochPlan(tuples=mined, miner=self.batch_miner)
             log.warning("epoch %d: the miner found no tuples; training on random ones instead", epoch)
-        return self._random_tuples(epoch)
+        return EpochPlan(tuples=self._random_tuples(epoch))
 
     def _refresh_selfsup(self, epoch: int | None, meta: dict[str, Any]) -> RefreshResult:
         """Publish (the snapshot carries the data's labels, for serving) and mine negatives without labels."""
@@ -307,10 +397,13 @@ class Trainer:
         rng = np.random.default_rng(seed_for(self.cfg.seed, epoch, _SHUFFLE))
         desc = f"epoch {epoch}/{self.cfg.epochs}"
         plan = self._epoch_plan(epoch)
-        if isinstance(plan, InBatchMiner):
-            stats = train_in_batch(self.model, self.optimizer, self.x_train, self.y_train, plan, self.cfg, rng, desc)
+        if plan.tuples is None:
+            assert plan.miner is not None
+            stats = train_in_batch(self.model, self.optimizer, self.x_train, self.y_train, plan.miner, self.cfg,
+                                   rng, desc, plan.sampler)
         else:
-            stats = train_on_tuples(self.model, self.optimizer, self.x_train, plan, self.cfg, rng, desc)
+            stats = train_on_tuples(self.model, self.optimizer, self.x_train, plan.tuples, self.cfg, rng, desc,
+                                    plan.miner, self.y_train)
         self.state.step += stats.steps
         self.state.epoch = epoch
         return stats
@@ -319,7 +412,8 @@ class Trainer:
         rng = np.random.default_rng(seed_for(self.cfg.seed, epoch, _RANDOM_TUPLES))
         return tp.for_loss(tp.random_triplets(self.splits.train.y, rng), self.cfg.loss)
 
-    def _finish_epoch(self, stats: EpochStats | None, result: RefreshResult | None, started: float) -> None:
+    def _finish_epoch(self, stats: EpochStats | None, result: RefreshResult | None, started: float,
+                      timing: dict[str, float] | None = None) -> None:
         """Evaluate, record, checkpoint and plot the epoch just completed (epoch 0: untrained)."""
         metrics = evaluate(self.model, self.x_eval, self.splits.eval.y, self.cfg.eval_batch_size)
         record = {
@@ -329,6 +423,7 @@ class Trainer:
             "train": stats.to_dict() if stats is not None else None,
             "snapshot": result.snapshot if result is not None else None,
             "mining": result.stats if result is not None else None,
+            "timing": timing,
             "elapsed_s": round(time.monotonic() - started, 3),
         }
         self.state.history.append(record)
@@ -351,6 +446,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
             "mined": s.mined.to_state() if s.mined is not None else None,
             "snapshot": s.snapshot, "snapshot_epoch": s.snapshot_epoch,
+            "class_neighbours": torch.from_numpy(s.class_neighbours) if s.class_neighbours is not None else None,
             "ssl_negatives": torch.from_numpy(s.ssl_negatives) if s.ssl_negatives is not None else None,
             "history": s.history, "best_map_at_r": s.best_map_at_r,
         })
@@ -365,6 +461,10 @@ class Trainer:
         best = max(h, key=lambda r: r["metrics"]["map_at_r"])
         return RunSummary(self.run_dir, Path(self.cfg.store), self.run_dir / PLOT_FILE, self.state.snapshot,
                           h[0]["metrics"], h[-1]["metrics"], best["metrics"], best["epoch"])
+
+
+def _array_or_none(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.numpy().astype(np.int64)
 
 
 def _check_device(device: str) -> None:

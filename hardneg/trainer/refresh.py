@@ -113,11 +113,15 @@ def mining_config(cfg: TrainConfig, epoch: int = 0, shard: int = 0) -> Any:
 
 @dataclass(frozen=True)
 class RefreshResult:
-    """What one refresh produced: the snapshot's name, and for global mining the tuples and their stats."""
+    """What one refresh produced: the snapshot's name, and for global mining the tuples and their stats.
+
+    ``index`` is the published snapshot's index (in memory), for what else a refresh feeds, such as the class
+    neighbours of composed batches."""
 
     snapshot: str
     tuples: tp.TupleSet | None
     stats: dict[str, Any] | None
+    index: VectorIndex | None = None
 
 
 def refresh(model: nn.Module, x: torch.Tensor, labels: np.ndarray, publisher: SnapshotPublisher,
@@ -127,10 +131,10 @@ def refresh(model: nn.Module, x: torch.Tensor, labels: np.ndarray, publisher: Sn
     embeddings = embed_items(model, x, cfg.eval_batch_size)
     published = publisher.publish(model, embeddings, labels, meta)
     if mine_for_epoch is None:
-        return RefreshResult(published.name, None, None)
+        return RefreshResult(published.name, None, None, published.index)
     tuples, stats = mine_tuples(published.index, cfg, mine_for_epoch)
     log.info("snapshot %s: mined %d %ss for epoch %d", published.name, len(tuples), tuples.kind, mine_for_epoch)
-    return RefreshResult(published.name, tuples, stats)
+    return RefreshResult(published.name, tuples, stats, published.index)
 
 
 def _plain(value: Any) -> Any:

@@ -1,0 +1,255 @@
+"""Item batches for in-batch mining: random, class-balanced (P x K), or composed from the snapshot.
+
+An in-batch miner only finds what a batch holds. With many classes a random batch holds few positives
+(100 classes, 128 items: about 0.3 other items of an anchor's class) and mostly easy negatives, so how a
+batch is formed decides what in-batch mining can find:
+
+* ``random``: a seeded permutation of the items in chunks (every item once per epoch);
+* ``pk``: P = batch_size // K classes drawn uniformly, K items of each (Hermans, Beyer & Leibe 2017,
+  "In Defense of the Triplet Loss"): every anchor has K - 1 positives and (P - 1)·K negatives;
+* class batches (``global_batches = "classes"``): index-composed P x K batches whose classes lie close
+  together in the latest snapshot: a seed
+  class drawn uniformly and its P - 1 nearest classes by centroid distance (class-level hard mining: Suh et
+  al. 2019, "Stochastic Class-based Hard Example Mining for Deep Metric Learning"; batches built from an
+  index of the whole training set: Harwood et al. 2017, "Smart Mining for Deep Metric Learning"). Every
+  batch then holds the classes its anchors are most easily confused with.
+
+An epoch of class batches has as many batches as a ``random`` epoch (ceil(n / batch_size)), so epochs cost
+the same number of forward passes whichever batching is used. With fewer classes than batch_size // K,
+every class is in every batch and K grows to fill the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from hardneg.miner.errors import ValidationError
+from hardneg.miner.index import VectorIndex
+from hardneg.trainer.config import BATCHINGS
+
+
+@dataclass(frozen=True)
+class ClassGroups:
+    """Training items grouped by class.
+
+    Attributes:
+        classes: (C,) int64 sorted labels of the classes with at least two items (the only ones that can
+            give an anchor a positive).
+        order: (n',) int64 item indices of those classes, sorted by label.
+        starts, counts: (C,) int64 where each class's items start in ``order``, and how many there are.
+    """
+
+    classes: np.ndarray
+    order: np.ndarray
+    starts: np.ndarray
+    counts: np.ndarray
+
+    @classmethod
+    def of(cls, labels: np.ndarray) -> ClassGroups:
+        """Group the items of ``labels`` (n,) by class, leaving out classes with a single item."""
+        labels = np.asarray(labels, dtype=np.int64)
+        classes, counts = np.unique(labels, return_counts=True)
+        keep = counts >= 2
+        order = np.argsort(labels, kind="stable")
+        order = order[np.isin(labels[order], classes[keep])]
+        counts = counts[keep]
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        return cls(classes[keep], order, starts, counts)
+
+    def positions(self, labels: np.ndarray) -> np.ndarray:
+        """Positions in ``classes`` of ``labels`` (any shape); ValidationError for a class not held."""
+        pos = np.searchsorted(self.classes, labels)
+        ok = pos < len(self.classes)
+        ok[ok] = self.classes[pos[ok]] == np.asarray(labels)[ok]
+        if not ok.all():
+            raise ValidationError(f"classes {np.unique(np.asarray(labels)[~ok])[:10].tolist()} have fewer than "
+                                  f"two training items; composed batches accept classes with two or more")
+        return pos
+
+    def draw(self, class_pos: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+        """``k`` items of each class at positions ``class_pos`` (m,): (m, k) item indices.
+
+        Distinct items when the class has ``k`` or more; otherwise all of them, then repeats drawn uniformly.
+        """
+        size = self.counts[class_pos]
+        width = int(size.max(initial=1))
+        # The k smallest of i.i.d. uniform keys over a class's items are a uniform k-subset of them.
+        keys = np.where(np.arange(width)[None, :] < size[:, None], rng.random((len(class_pos), width)), np.inf)
+        cols = np.argsort(keys, axis=1, kind="stable")[:, :k]
+        if cols.shape[1] < k:
+            cols = np.pad(cols, ((0, 0), (0, k - cols.shape[1])), constant_values=width)
+        short = cols >= size[:, None]
+        cols = np.where(short, (rng.random(cols.shape) * size[:, None]).astype(np.int64), cols)
+        return self.order[self.starts[class_pos][:, None] + cols]
+
+
+class BatchSampler(ABC):
+    """An epoch of item batches: arrays of indices into the training items.
+
+    Args:
+        labels: (n,) int labels of the training items.
+        batch_size: items per batch.
+    """
+
+    name: str
+
+    def __init__(self, labels: np.ndarray, batch_size: int) -> None:
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or len(labels) == 0 or not np.issubdtype(labels.dtype, np.integer):
+            raise ValidationError(f"labels must be a non-empty 1-D integer array (n,), got shape {labels.shape} "
+                                  f"and dtype {labels.dtype}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValidationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self.labels = labels.astype(np.int64)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        """Batches per epoch: as many as a pass over every item takes."""
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    @abstractmethod
+    def batches(self, rng: np.random.Generator) -> list[np.ndarray]:
+        """One epoch: ``len(self)`` arrays of item indices, drawn with ``rng``."""
+
+
+class RandomBatches(BatchSampler):
+    """A seeded permutation of all items in chunks of ``batch_size``."""
+
+    name = "random"
+
+    def batches(self, rng: np.random.Generator) -> list[np.ndarray]:
+        return self.chunks(len(self.labels), self.batch_size, rng)
+
+    @staticmethod
+    def chunks(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+        """A seeded permutation of range(n) cut into chunks of ``batch_size`` (the last may be shorter)."""
+        perm = rng.permutation(n)
+        return [perm[s:s + batch_size] for s in range(0, n, batch_size)]
+
+
+class ClassBatches(BatchSampler):
+    """Batches of P classes x K items: P = min(batch_size // per_class, C) for the C classes with 2 or more
+    items, K = batch_size // P (``per_class``, or more when C is small, so that batches stay full)."""
+
+    def __init__(self, labels: np.ndarray, batch_size: int, per_class: int) -> None:
+        super().__init__(labels, batch_size)
+        if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 2:
+            raise ValidationError(f"per_class must be an integer >= 2 (an anchor and a positive), got {per_class!r}")
+        if batch_size < 2 * per_class:
+            raise ValidationError(f"batch_size ({batch_size}) must hold at least 2 classes of per_class "
+                                  f"({per_class}) items, so that anchors have negatives; accepted: batch_size >= "
+                                  f"{2 * per_class}")
+        self.groups = ClassGroups.of(self.labels)
+        if len(self.groups.classes) < 2:
+            raise ValidationError(f"class batches need at least 2 classes with 2 or more items, got "
+                                  f"{len(self.groups.classes)}")
+        self.classes_per_batch = min(batch_size // per_class, len(self.groups.classes))
+        self.per_class = batch_size // self.classes_per_batch
+
+    def batches(self, rng: np.random.Generator) -> list[np.ndarray]:
+        chosen = self.choose_classes(len(self), rng)  # (batches, P) positions in groups.classes
+        items = self.groups.draw(chosen.reshape(-1), self.per_class, rng)
+        return list(items.reshape(len(chosen), -1))
+
+    @abstractmethod
+    def choose_classes(self, n_batches: int, rng: np.random.Generator) -> np.ndarray:
+        """(n_batches, P) positions in ``groups.classes`` of each batch's classes."""
+
+
+class PKBatches(ClassBatches):
+    """P classes drawn uniformly without replacement per batch, K items of each (Hermans et al. 2017)."""
+
+    name = "pk"
+
+    def choose_classes(self, n_batches: int, rng: np.random.Generator) -> np.ndarray:
+        keys = rng.random((n_batches, len(self.groups.classes)))
+        return np.argsort(keys, axis=1)[:, :self.classes_per_batch]
+
+
+class ConfusableClassBatches(ClassBatches):
+    """A uniformly drawn seed class and its P - 1 nearest classes in the snapshot, K items of each.
+
+    Args:
+        neighbours: (C', P') int labels: row ``i`` is a class followed by its nearest classes, nearest
+            first (:func:`confusable_classes`); every class in the training labels with 2 or more items must
+            have a row, and ``P' >= P``.
+    """
+
+    name = "classes"
+
+    def __init__(self, labels: np.ndarray, batch_size: int, per_class: int, neighbours: np.ndarray) -> None:
+        super().__init__(labels, batch_size, per_class)
+        neighbours = np.asarray(neighbours)
+        p = self.classes_per_batch
+        if neighbours.ndim != 2 or neighbours.shape[1] < p:
+            raise ValidationError(f"neighbours must be a (classes, >= {p}) table of class labels, got shape "
+                                  f"{neighbours.shape}")
+        rows = self.groups.positions(neighbours[:, 0])
+        table = np.full((len(self.groups.classes), p), -1, np.int64)
+        table[rows] = self.groups.positions(neighbours[:, :p])
+        if (table[:, 0] < 0).any():
+            missing = self.groups.classes[table[:, 0] < 0][:10].tolist()
+            raise ValidationError(f"neighbours has no row for classes {missing}; it needs one per training class "
+                                  f"with 2 or more items")
+        self.table = table
+
+    def choose_classes(self, n_batches: int, rng: np.random.Generator) -> np.ndarray:
+        return self.table[rng.integers(0, len(self.table), size=n_batches)]
+
+
+def confusable_classes(vectors: np.ndarray, labels: np.ndarray, p: int) -> np.ndarray:
+    """Each class with 2 or more items followed by its ``p - 1`` nearest such classes by centroid distance.
+
+    Args:
+        vectors: (n, d) embeddings of the training items (e.g. a snapshot's stored vectors).
+        labels: (n,) int labels.
+        p: classes per row (clipped to the number of classes).
+
+    Returns:
+        (C, min(p, C)) int64 class labels, one row per class (sorted), the class itself first, then its
+        neighbours nearest first (squared Euclidean distance between class means).
+    """
+    classes, centroids = class_centroids(vectors, labels)
+    p = min(p, len(classes))
+    if p == 1:
+        return classes[:, None].copy()
+    index = VectorIndex.build(centroids, classes, classes, metric="l2", index="flat")
+    near = index.search(centroids, p - 1, exclude_self=classes)
+    return np.concatenate([classes[:, None], near.ids.reshape(len(classes), p - 1)], axis=1)
+
+
+def make_batch_sampler(batching: str, labels: np.ndarray, batch_size: int, per_class: int) -> BatchSampler:
+    """The sampler of in-batch mining named ``batching`` (random or pk)."""
+    if batching == "random":
+        return RandomBatches(labels, batch_size)
+    if batching == "pk":
+        return PKBatches(labels, batch_size, per_class)
+    raise ValidationError(f"batching must be one of {', '.join(BATCHINGS)}, got {batching!r}")
+
+
+def class_centroids(vectors: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The classes with 2 or more items (C,) and the means of their ``vectors`` (C, d) float32."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or len(vectors) != len(labels):
+        raise ValidationError(f"vectors must be (n, d) with n = len(labels) = {len(labels)}, got {vectors.shape}")
+    groups = ClassGroups.of(labels)
+    if len(groups.classes) == 0:
+        raise ValidationError("no class has 2 or more items; class centroids need them")
+    sums = np.add.reduceat(vectors[groups.order], groups.starts, axis=0)
+    return groups.classes, (sums / groups.counts[:, None]).astype(np.float32)
+
+
+def composition_stats(vectors: np.ndarray, labels: np.ndarray, neighbours: np.ndarray) -> dict[str, float]:
+    """How much closer each class's batch neighbours are than classes at large: mean squared centroid distance
+    to the neighbours in its row of ``neighbours`` (C, P) against the mean over all other classes."""
+    classes, centroids = class_centroids(vectors, labels)
+    d2 = ((centroids[:, None, :].astype(np.float64) - centroids[None, :, :]) ** 2).sum(-1)  # (C, C); C is small
+    rows = np.searchsorted(classes, neighbours)
+    near = d2[rows[:, :1], rows[:, 1:]].mean() if neighbours.shape[1] > 1 else float("nan")
+    others = d2[~np.eye(len(classes), dtype=bool)].mean() if len(classes) > 1 else float("nan")
+    return {"classes": len(classes), "classes_per_batch": int(neighbours.shape[1]),
+            "neighbour_centroid_d2": float(near), "centroid_d2": float(others)}
