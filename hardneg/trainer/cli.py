@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -140,13 +142,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     if getattr(args, "resume_if_exists", False):
         resume, given = _existing_run(args, given)
     cfg = None if resume is not None else TrainConfig.from_sources(getattr(args, "config", None), given)
-    _deterministic(cfg.device if cfg is not None else given.get("device", "cpu"))
+    device = cfg.device if cfg is not None else given.get("device") or _run_device(resume)
+    _deterministic(device)
+    from hardneg.trainer.distributed import process_group
     from hardneg.trainer.loop import Trainer
 
-    trainer = Trainer.resume(resume, given) if resume is not None else Trainer.create(cfg)
-    print(f"run folder: {trainer.run_dir}")
-    print(f"snapshot store: {trainer.cfg.store}")
-    summary = trainer.run()
+    # Under torchrun: one process group for the run (gloo on CPU, NCCL on CUDA), torn down also on errors.
+    with process_group(device) as dist:
+        if not dist.is_main:  # progress and results are rank 0's to report
+            logging.getLogger("hardneg").setLevel(logging.WARNING)
+        if dist.enabled:
+            # DDP's reducer flags a 1-input-channel conv weight, whose gradient strides differ from the weight's
+            # only along its size-1 dimension (the same memory layout): nothing to act on.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        trainer = Trainer.resume(resume, given, dist) if resume is not None else Trainer.create(cfg, dist)
+        if dist.is_main:
+            print(f"run folder: {trainer.run_dir}")
+            print(f"snapshot store: {trainer.cfg.store}")
+        summary = trainer.run()
+    if not dist.is_main:
+        return 0
     print(f"\nfinished {trainer.cfg.epochs} epochs; newest snapshot {summary.snapshot} in {summary.store}")
     print(f"{'metric':<12} {'untrained':>9} {'final':>9} {'best':>9}")
     for key, label in _REPORTED:
@@ -157,6 +172,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"snapshot store: {summary.store}")
     print(f"plot: {summary.plot}")
     return 0
+
+
+def _run_device(run_dir: Path) -> str:
+    """The device the run in ``run_dir`` trains on, from its ``last.pt``."""
+    from hardneg.trainer.checkpoint import LAST, load_checkpoint
+
+    return load_checkpoint(Path(run_dir) / LAST)["config"]["device"]
 
 
 def _existing_run(args: argparse.Namespace, given: dict[str, Any]) -> tuple[Path | None, dict[str, Any]]:

@@ -25,7 +25,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from hardneg.miner.errors import ValidationError
@@ -44,6 +45,7 @@ from hardneg.trainer.batching import (
 from hardneg.trainer.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from hardneg.trainer.config import TrainConfig
 from hardneg.trainer.data import ArrayDataset, DataSplits, load_splits
+from hardneg.trainer.distributed import LOCAL, DistContext, check_world
 from hardneg.trainer.evaluate import evaluate
 from hardneg.trainer.inbatch import InBatchMiner, make_inbatch_miner
 from hardneg.trainer.losses import contrastive_loss, triplet_loss
@@ -51,6 +53,7 @@ from hardneg.trainer.models import build_model
 from hardneg.trainer.plots import plot_history
 from hardneg.trainer.refresh import RefreshResult, SnapshotPublisher, mining_config, refresh, seed_for
 from hardneg.trainer.selfsup import SelfSupervised
+from hardneg.trainer.sharded_refresh import refresh_sharded
 
 log = logging.getLogger(__name__)
 
@@ -142,52 +145,67 @@ def inbatch_terms(emb: torch.Tensor, y: torch.Tensor, miner: InBatchMiner, loss:
     return contrastive_loss(emb[first], emb[second], target, margin, reduction="none")
 
 
-def _progress(batches: list[np.ndarray], desc: str) -> Iterator[np.ndarray]:
-    """``batches`` with a progress bar on a terminal only."""
-    yield from tqdm(batches, desc=desc, leave=False, disable=not sys.stderr.isatty())
+def _progress(batches: Iterable[np.ndarray], desc: str, show: bool = True) -> Iterator[np.ndarray]:
+    """``batches`` with a progress bar on a terminal only (and, in a distributed run, on rank 0 only)."""
+    yield from tqdm(batches, desc=desc, leave=False, disable=not (show and sys.stderr.isatty()))
 
 
 def _step(optimizer: torch.optim.Optimizer, terms: torch.Tensor, stats: EpochStats,
-          loss: torch.Tensor | None = None) -> None:
-    """One update on ``loss`` (default: the mean of ``terms``); ``terms`` feed the epoch's statistics."""
-    if terms.numel() == 0:
+          loss: torch.Tensor | None = None, dist: DistContext = LOCAL) -> None:
+    """One update on ``loss`` (default: the mean of ``terms``); ``terms`` feed the epoch's statistics.
+
+    Under DDP every rank holds a share of the batch and all must run backward together (the gradients are
+    all-reduced there): they skip only when no rank has a term, and the default loss is each rank's sum over
+    the global count, so that DDP's average of the ranks' gradients is the gradient of the batch's mean.
+    """
+    count = dist.total(terms.numel())
+    if count == 0:
         return  # nothing mined in this batch: no gradient to follow
     optimizer.zero_grad(set_to_none=True)
-    (terms.mean() if loss is None else loss).backward()
+    if not dist.enabled:
+        (terms.mean() if loss is None else loss).backward()
+    elif loss is None:
+        (terms.sum() * (dist.world_size / count)).backward()
+    else:  # a rank without terms still joins the all-reduce, with zero gradients
+        (loss if terms.numel() else terms.sum()).backward()
     optimizer.step()
     stats.add(terms)
 
 
 def train_on_tuples(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, tuples: tp.TupleSet,
                     cfg: TrainConfig, rng: np.random.Generator, desc: str, miner: InBatchMiner | None = None,
-                    y: torch.Tensor | None = None) -> EpochStats:
+                    y: torch.Tensor | None = None, dist: DistContext = LOCAL) -> EpochStats:
     """One pass over ``tuples`` (indices into ``x``) in shuffled batches of ``cfg.batch_size``.
 
-    With ``miner`` (and the labels ``y`` (n,)), each batch's loss is :func:`mixed_loss`.
+    With ``miner`` (and the labels ``y`` (n,)), each batch's loss is :func:`mixed_loss`. Under DDP each rank
+    trains on its share of every batch (:func:`hardneg.trainer.distributed.shard_batches`).
     """
     stats = EpochStats()
     model.train()
-    for sel in _progress(RandomBatches.chunks(len(tuples), cfg.batch_size, rng), desc):
+    for sel in _progress(dist.batches(RandomBatches.chunks(len(tuples), cfg.batch_size, rng)), desc, dist.is_main):
         batch = tuples.take(sel)
         if miner is None:
-            _step(optimizer, tuple_loss_terms(model, x, batch, cfg.margin), stats)
+            _step(optimizer, tuple_loss_terms(model, x, batch, cfg.margin), stats, None, dist)
         else:
             assert y is not None, "mixing in-batch mining needs the labels"
             loss, terms = mixed_loss(model, x, y, batch, miner, cfg)
-            _step(optimizer, terms, stats, loss)
+            _step(optimizer, terms, stats, loss, dist)
     return stats
 
 
 def train_in_batch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                    miner: InBatchMiner, cfg: TrainConfig, rng: np.random.Generator, desc: str,
-                   sampler: BatchSampler | None = None) -> EpochStats:
-    """One pass of in-batch mining over the items ``x`` (n, ...): ``sampler``'s batches (default: shuffled)."""
+                   sampler: BatchSampler | None = None, dist: DistContext = LOCAL) -> EpochStats:
+    """One pass of in-batch mining over the items ``x`` (n, ...): ``sampler``'s batches (default: shuffled).
+
+    Under DDP each rank mines inside its share of every batch.
+    """
     stats = EpochStats()
     model.train()
     batches = sampler.batches(rng) if sampler is not None else RandomBatches.chunks(len(x), cfg.batch_size, rng)
-    for sel in _progress(batches, desc):
+    for sel in _progress(dist.batches(batches), desc, dist.is_main):
         idx = torch.from_numpy(sel).to(x.device)
-        _step(optimizer, inbatch_loss_terms(model, x[idx], y[idx], miner, cfg.loss, cfg.margin), stats)
+        _step(optimizer, inbatch_loss_terms(model, x[idx], y[idx], miner, cfg.loss, cfg.margin), stats, None, dist)
     return stats
 
 
@@ -232,16 +250,20 @@ class RunSummary:
 class Trainer:
     """Trains ``cfg``'s model on ``splits``; see the module docstring for the schedule.
 
-    Build with :meth:`create` (a new run) or :meth:`resume` (continue from ``RUN_DIR/last.pt``).
+    Build with :meth:`create` (a new run) or :meth:`resume` (continue from ``RUN_DIR/last.pt``). Under
+    torchrun, pass each rank's ``dist`` (:func:`hardneg.trainer.distributed.process_group`): the model trains
+    wrapped in DistributedDataParallel, each rank on its share of every batch; rank 0 alone evaluates, writes
+    the run folder and publishes snapshots, and every rank keeps the same run state.
     """
 
     def __init__(self, cfg: TrainConfig, splits: DataSplits, run_dir: Path, state: RunState | None = None,
-                 checkpoint: dict[str, Any] | None = None) -> None:
+                 checkpoint: dict[str, Any] | None = None, dist: DistContext = LOCAL) -> None:
         self.cfg = cfg
         self.splits = splits
         self.run_dir = run_dir
         self.state = state or RunState()
-        self.device = torch.device(cfg.device)
+        self.dist = dist
+        self.device = dist.device_for(cfg.device)
         torch.manual_seed(cfg.seed)  # the model's initial weights
         self.model, self.model_spec = build_model(cfg, splits.train.input_shape)
         self.model.to(self.device)
@@ -251,13 +273,21 @@ class Trainer:
             self.model.load_state_dict(checkpoint["model"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             torch.set_rng_state(checkpoint["rng"])
-        # for people to read; a resumed run reads its config from last.pt
-        (run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        # DDP trains (its backward all-reduces the gradients); the plain module embeds, evaluates and is saved
+        self.ddp: DistributedDataParallel | None = None
+        if dist.enabled:
+            gpu = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=gpu)
+        if dist.is_main:  # for people to read; a resumed run reads its config from last.pt
+            (run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         self.store = SnapshotStore(cfg.store, keep=cfg.keep_snapshots)
         self.publisher = SnapshotPublisher(self.store, cfg, self.model_spec)
         self.x_train, self.y_train = self._to_device(splits.train)
         self.x_eval, _ = self._to_device(splits.eval)
         self.selfsup = SelfSupervised.for_run(cfg, splits.train) if cfg.mode == "self-supervised" else None
+        if self.selfsup is not None and dist.enabled:  # its refresh and epochs know nothing of ranks yet
+            raise ValidationError("mode 'self-supervised' trains in one process only; run it without torchrun, "
+                                  "or use mode 'supervised' for distributed training")
         # in-batch mode mines with its strategy; global mining may warm up with the warm-up strategy
         inbatch_strategy = cfg.resolved_strategy if cfg.mining == "in-batch" else cfg.warmup_strategy
         self.inbatch = make_inbatch_miner(inbatch_strategy, cfg.margin) if cfg.mining != "random" else None
@@ -272,21 +302,31 @@ class Trainer:
 
     # ----------------------------------------------------------- building
     @classmethod
-    def create(cls, cfg: TrainConfig) -> Trainer:
+    def create(cls, cfg: TrainConfig, dist: DistContext = LOCAL) -> Trainer:
         """A new run in ``cfg.run_dir`` (default ``runs/<timestamp>``), which must not hold a run yet."""
         _check_device(cfg.device)
         splits = load_splits(cfg)
-        run_dir = Path(cfg.run_dir) if cfg.run_dir else _new_run_dir(Path("runs"))
-        if (run_dir / LAST).exists():
-            raise ValidationError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose "
-                                  f"another --run-dir")
-        run_dir.mkdir(parents=True, exist_ok=True)
+        check_world(dist, len(splits.train), cfg.batch_size)
+
+        def make_run_dir() -> str:  # on rank 0 only; every rank then uses its name
+            run_dir = Path(cfg.run_dir) if cfg.run_dir else _new_run_dir(Path("runs"))
+            if (run_dir / LAST).exists():
+                raise ValidationError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or "
+                                      f"choose another --run-dir")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            return str(run_dir)
+
+        run_dir = Path(dist.from_main(make_run_dir))
         log.info("data: %s", splits.description)
-        return cls(cfg.replace(run_dir=str(run_dir)), splits, run_dir)
+        return cls(cfg.replace(run_dir=str(run_dir)), splits, run_dir, dist=dist)
 
     @classmethod
-    def resume(cls, run_dir: str | Path, changes: dict[str, Any] | None = None) -> Trainer:
-        """Continue the run in ``run_dir`` from its ``last.pt``; ``changes`` may raise ``epochs`` or set ``device``."""
+    def resume(cls, run_dir: str | Path, changes: dict[str, Any] | None = None,
+               dist: DistContext = LOCAL) -> Trainer:
+        """Continue the run in ``run_dir`` from its ``last.pt``; ``changes`` may raise ``epochs`` or set ``device``.
+
+        Under torchrun every rank loads ``last.pt`` (the run folder must be visible to every node).
+        """
         run_dir = Path(run_dir)
         ckpt = load_checkpoint(run_dir / LAST)
         cfg = TrainConfig.from_dict(ckpt["config"])
@@ -308,7 +348,9 @@ class Trainer:
         log.info("resuming %s after epoch %d of %d", run_dir, state.epoch, cfg.epochs)
         if ckpt.get("ssl_negatives") is not None:
             state.ssl_negatives = ckpt["ssl_negatives"].numpy()
-        return cls(cfg, load_splits(cfg), run_dir, state, ckpt)
+        splits = load_splits(cfg)
+        check_world(dist, len(splits.train), cfg.batch_size)
+        return cls(cfg, splits, run_dir, state, ckpt, dist)
 
     def _to_device(self, ds: ArrayDataset) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.from_numpy(ds.x).to(self.device), torch.from_numpy(ds.y).to(self.device)
@@ -345,7 +387,11 @@ class Trainer:
         cfg = self.cfg
         compose = cfg.mining == "global" and cfg.global_batches == "classes"
         mine_for = epoch if cfg.mining == "global" and not compose and epoch is not None else None
-        result = refresh(self.model, self.x_train, self.splits.train.y, self.publisher, meta, mine_for)
+        if self.dist.enabled:  # each rank embeds and mines its share; rank 0 publishes
+            result = refresh_sharded(self.model, self.x_train, self.splits.train.y, self.publisher, meta, mine_for,
+                                     self.dist)
+        else:
+            result = refresh(self.model, self.x_train, self.splits.train.y, self.publisher, meta, mine_for)
         self.state.snapshot, self.state.snapshot_epoch = result.snapshot, done
         if result.tuples is not None:
             self.state.mined = result.tuples
@@ -357,7 +403,6 @@ class Trainer:
             self.state.class_neighbours = table
             result = dataclasses.replace(result, stats=composition_stats(vectors, labels, table))
         return result
-
 
     def _epoch_plan(self, epoch: int) -> EpochPlan:
         """What ``epoch`` trains on: in-batch mining over item batches (random, P x K, or composed from the
@@ -397,13 +442,17 @@ class Trainer:
         rng = np.random.default_rng(seed_for(self.cfg.seed, epoch, _SHUFFLE))
         desc = f"epoch {epoch}/{self.cfg.epochs}"
         plan = self._epoch_plan(epoch)
+        model = self.ddp if self.ddp is not None else self.model
         if plan.tuples is None:
             assert plan.miner is not None
-            stats = train_in_batch(self.model, self.optimizer, self.x_train, self.y_train, plan.miner, self.cfg,
-                                   rng, desc, plan.sampler)
+            stats = train_in_batch(model, self.optimizer, self.x_train, self.y_train, plan.miner, self.cfg,
+                                   rng, desc, plan.sampler, self.dist)
         else:
-            stats = train_on_tuples(self.model, self.optimizer, self.x_train, plan.tuples, self.cfg, rng, desc,
-                                    plan.miner, self.y_train)
+            stats = train_on_tuples(model, self.optimizer, self.x_train, plan.tuples, self.cfg, rng, desc,
+                                    plan.miner, self.y_train, self.dist)
+        if self.dist.enabled:  # the epoch's loss and counts over every rank's share
+            stats.loss_sum, tuples, active = self.dist.sums([stats.loss_sum, stats.tuples, stats.active])
+            stats.tuples, stats.active = int(tuples), int(active)
         self.state.step += stats.steps
         self.state.epoch = epoch
         return stats
@@ -415,7 +464,9 @@ class Trainer:
     def _finish_epoch(self, stats: EpochStats | None, result: RefreshResult | None, started: float,
                       timing: dict[str, float] | None = None) -> None:
         """Evaluate, record, checkpoint and plot the epoch just completed (epoch 0: untrained)."""
-        metrics = evaluate(self.model, self.x_eval, self.splits.eval.y, self.cfg.eval_batch_size)
+        # Rank 0 evaluates; every rank keeps rank 0's record (its metrics, its clock): one history everywhere.
+        metrics = (evaluate(self.model, self.x_eval, self.splits.eval.y, self.cfg.eval_batch_size)
+                   if self.dist.is_main else {})
         record = {
             "epoch": self.state.epoch, "step": self.state.step,
             "loss": stats.loss if stats is not None else None,
@@ -426,19 +477,26 @@ class Trainer:
             "timing": timing,
             "elapsed_s": round(time.monotonic() - started, 3),
         }
+        record = self.dist.from_main(lambda: record)
+        metrics = record["metrics"]
         self.state.history.append(record)
-        with open(self.run_dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.dist.is_main:  # rank 0 alone writes the run folder
+            with open(self.run_dir / METRICS_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
         if metrics["map_at_r"] > self.state.best_map_at_r:
             self.state.best_map_at_r = metrics["map_at_r"]
             self._save(BEST)  # before last.pt: a kill in between redoes this epoch and saves best.pt again
         self._save(LAST)
+        if not self.dist.is_main:
+            return
         plot_history(self.state.history, self.run_dir / PLOT_FILE)
         loss = "-" if record["loss"] is None else f"{record['loss']:.4f}"
         log.info("epoch %d/%d: loss %s, MAP@R %.4f, P@1 %.4f (%.1f s)", self.state.epoch, self.cfg.epochs, loss,
                  metrics["map_at_r"], metrics["precision_at_1"], record["elapsed_s"])
 
     def _save(self, name: str) -> None:
+        if not self.dist.is_main:
+            return  # every rank holds the same state; rank 0 alone writes it
         s = self.state
         save_checkpoint(self.run_dir / name, {
             "config": self.cfg.to_dict(), "model_spec": self.model_spec, "epoch": s.epoch, "step": s.step,
@@ -453,6 +511,8 @@ class Trainer:
 
     def _rewrite_metrics_file(self) -> None:
         """metrics.jsonl holds exactly the checkpoint's history (a killed run may have written one line more)."""
+        if not self.dist.is_main:
+            return
         with open(self.run_dir / METRICS_FILE, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.state.history)
 
