@@ -162,7 +162,7 @@ def main() -> None:
     figures["c"] = []
     # None: the snapshot's default parameters. IVF-Flat is searched by hardneg's label-aware, list-major path;
     # hnsw through VectorIndex.search, which widens efSearch by a class's worth of blocked items.
-    for kind, sweep in (("ivf", [None, 40, 160]), ("IVF256,Flat", [16, 24, 32]), ("hnsw", [None, 16])):
+    for kind, sweep in (("ivf", [None, 40, 160]), ("IVF256,Flat", [24, 33, 40]), ("hnsw", [None, 16])):
         t_build, index = timed(lambda: VectorIndex.build(data.vectors, data.labels, index=kind))
         for value in sweep:
             params = None if value is None else (

@@ -45,7 +45,7 @@ class InvertedLists:
 
 
 def inverted_lists(index: VectorIndex) -> InvertedLists | None:
-    """The inverted lists of ``index`` when it is a plain IVF-Flat index (row ids in its lists), else None."""
+    """The inverted lists of ``index`` when it is a plain IVF-Flat index whose list ids are its rows, else None."""
     ivf = index.index
     if not isinstance(ivf, faiss.IndexIVFFlat):
         return None
@@ -55,8 +55,8 @@ def inverted_lists(index: VectorIndex) -> InvertedLists | None:
     rows = np.empty(int(bounds[-1]), np.int64)
     for lst in np.flatnonzero(sizes):
         rows[bounds[lst]:bounds[lst + 1]] = faiss.rev_swig_ptr(invlists.get_ids(int(lst)), int(sizes[lst]))
-    if len(rows) != index.count:
-        return None
+    if not np.array_equal(np.sort(rows), np.arange(index.count)):
+        return None  # the lists' ids are not the index's rows (not added in row order): use FAISS's own search
     labels = index.labels[rows]
     nonempty = sizes > 0
     first = np.where(nonempty, labels[np.minimum(bounds[:-1], max(len(rows) - 1, 0))], -1)

@@ -38,7 +38,8 @@ def wrong_label_knn(index: VectorIndex, vectors: np.ndarray, anchor_rows: np.nda
     """The ``k`` nearest neighbours of each anchor row among the rows whose label differs from its own.
 
     Args:
-        index: the index; exact when flat, else searched through its own path with ``params``.
+        index: the index: exact when flat; IVF-Flat through :mod:`~hardneg.miner.mining.ivf_search`; any
+            other through its own search path. ``params`` applies to the last two.
         vectors: (n, d) float32 stored (prepared) vectors of every row.
         anchor_rows: (m,) rows of the anchors (repeats allowed).
         k: neighbours wanted per anchor, >= 1.
