@@ -13,12 +13,16 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hardneg.trainer.config import (
     BATCHINGS, DEVICES, GLOBAL_BATCHES, GLOBAL_STRATEGIES, INBATCH_STRATEGIES, INDEX_KINDS, LOSSES, MINING_MODES,
     MODES, POSITIVES, PROTOCOLS, SSL_NEGATIVES, TrainConfig,
 )
+
+if TYPE_CHECKING:  # torch is imported inside the commands, for a fast start of the others
+    from hardneg.trainer.distributed import DistContext
+    from hardneg.trainer.loop import RunSummary
 
 _REPORTED = (("precision_at_1", "P@1"), ("recall_at_1", "Recall@1"), ("recall_at_5", "Recall@5"),
              ("recall_at_10", "Recall@10"), ("r_precision", "R-Precision"), ("map_at_r", "MAP@R"))
@@ -145,7 +149,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     device = cfg.device if cfg is not None else given.get("device") or _run_device(resume)
     _deterministic(device)
     from hardneg.trainer.distributed import process_group
-    from hardneg.trainer.loop import Trainer
 
     # Under torchrun: one process group for the run (gloo on CPU, NCCL on CUDA), torn down also on errors.
     with process_group(device) as dist:
@@ -155,14 +158,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             # DDP's reducer flags a 1-input-channel conv weight, whose gradient strides differ from the weight's
             # only along its size-1 dimension (the same memory layout): nothing to act on.
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        trainer = Trainer.resume(resume, given, dist) if resume is not None else Trainer.create(cfg, dist)
-        if dist.is_main:
-            print(f"run folder: {trainer.run_dir}")
-            print(f"snapshot store: {trainer.cfg.store}")
-        summary = trainer.run()
+        summary, epochs = _train(dist, resume, given, cfg)
     if not dist.is_main:
         return 0
-    print(f"\nfinished {trainer.cfg.epochs} epochs; newest snapshot {summary.snapshot} in {summary.store}")
+    print(f"\nfinished {epochs} epochs; newest snapshot {summary.snapshot} in {summary.store}")
     print(f"{'metric':<12} {'untrained':>9} {'final':>9} {'best':>9}")
     for key, label in _REPORTED:
         if key in summary.final:
@@ -172,6 +171,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"snapshot store: {summary.store}")
     print(f"plot: {summary.plot}")
     return 0
+
+
+def _train(dist: DistContext, resume: Path | None, given: dict[str, Any],
+           cfg: TrainConfig | None) -> tuple[RunSummary, int]:
+    """Build and run the trainer; returns the summary and the epochs trained.
+
+    The trainer, and with it the DDP wrapper that holds the process group, is released when this returns,
+    still inside :func:`~hardneg.trainer.distributed.process_group` (which needs that for a clean teardown).
+    """
+    from hardneg.trainer.loop import Trainer
+
+    trainer = Trainer.resume(resume, given, dist) if resume is not None else Trainer.create(cfg, dist)
+    if dist.is_main:
+        print(f"run folder: {trainer.run_dir}")
+        print(f"snapshot store: {trainer.cfg.store}")
+    return trainer.run(), trainer.cfg.epochs
 
 
 def _run_device(run_dir: Path) -> str:

@@ -24,9 +24,11 @@ shape), records as JSON.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -326,7 +328,12 @@ def process_group(device: str, environ: Mapping[str, str] | None = None) -> Iter
     """Initialise torch.distributed for this torchrun process (a no-op for a single process); yield its context.
 
     The group is destroyed when the block exits, normally or by an error, so that a failing rank leaves
-    cleanly and torchrun can stop the others.
+    cleanly and torchrun can stop the others. Whatever holds the group (a DistributedDataParallel wrapper:
+    its reducer does) must be released inside the block: a group destroyed last by such a holder joins gloo's
+    worker threads while holding the GIL, and a worker still freeing a finished collective's tensors waits
+    for the GIL, so the process never exits. On the way out, a normal exit first waits at a barrier (every
+    rank's collectives finished and released, the GIL free meanwhile); an error clears the failed frames'
+    locals, which would otherwise keep such holders alive past the group.
     """
     ctx = context_from_env(device, environ)
     if not ctx.enabled:
@@ -339,7 +346,13 @@ def process_group(device: str, environ: Mapping[str, str] | None = None) -> Iter
         log.info("training on %d processes, backend %s", ctx.world_size, ctx.backend)
     try:
         yield ctx
+    except BaseException as e:
+        traceback.clear_frames(e.__traceback__)
+        raise
+    else:
+        dist.barrier()
     finally:
+        gc.collect()  # reference cycles that still hold the group (DDP's hooks make some)
         dist.destroy_process_group()
 
 

@@ -8,18 +8,21 @@ two-process gloo group whose ranks check what they received against what the oth
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import socket
+import weakref
 
 import numpy as np
 import pytest
 import torch.distributed as tdist
 import torch.multiprocessing as mp
+from torch import nn
 
 from hardneg.miner.errors import ValidationError
 from hardneg.miner.index import VectorIndex
 from hardneg.trainer.config import TrainConfig
 from hardneg.trainer.distributed import (
-    LOCAL, DistContext, RankFailedError, check_world, context_from_env, shard_batches, shard_range, shard_strided,
+    LOCAL, DistContext, RankFailedError, check_world, context_from_env, process_group, shard_batches, shard_range,
+    shard_strided,
 )
 from hardneg.trainer.refresh import mine_tuples, mining_seed
 from hardneg.trainer.sharded_refresh import check_gathered, merge_shares, mine_sharded, share_index
@@ -202,64 +205,95 @@ def test_gathered_items_must_arrive_once_with_their_labels() -> None:
 
 
 # ------------------------------------------------------- real collectives
-def _worker(rank: int, store: str, vectors: np.ndarray, labels: np.ndarray) -> None:
-    """Rank ``rank`` of a two-process gloo group: exchange data, check what arrived (raises on a mismatch)."""
-    os.environ["OMP_NUM_THREADS"] = "1"
+def _worker(rank: int, port: int, vectors: np.ndarray, labels: np.ndarray) -> None:
+    """Rank ``rank`` of a two-process gloo group set up as under torchrun: exchange data and check what arrived,
+    then fail, and check that the failed frame's objects were released before the group was destroyed."""
+    os.environ.update({"OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     index = VectorIndex.build(vectors, labels, metric="cosine")
-    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    refs: list[weakref.ref] = []
+    alive_at_destroy: list[bool] = []
+    destroy = tdist.destroy_process_group
+
+    def watched_destroy() -> None:
+        alive_at_destroy.append(refs[0]() is not None)
+        destroy()
+
+    tdist.destroy_process_group = watched_destroy
     try:
-        ctx = DistContext(rank, 2, rank, "gloo")
-
-        def sent(r: int) -> list[np.ndarray]:  # what rank r sends: sizes, dtypes and dimensions differ by rank
-            return [np.arange(3 + r, dtype=np.int64) * (r + 1), np.full((r + 1, 4), r + 0.5, np.float32),
-                    np.empty((0, 3), np.uint8), np.array([r == 0, True]), np.ones((2, 1, r + 1, 2), np.float64)]
-
-        got = ctx.all_gather_arrays(sent(rank))
-        for i in range(5):
-            for r in range(2):
-                assert got[i][r].dtype == sent(r)[i].dtype and np.array_equal(got[i][r], sent(r)[i]), (i, r)
-        gathered = ctx.gather_arrays(sent(rank))
-        assert (gathered is None) == (rank == 1)
-        if gathered is not None:
-            assert all(np.array_equal(gathered[i][r], sent(r)[i]) for i in range(5) for r in range(2))
-        cube = np.arange(24, dtype=np.float64).reshape(2, 3, 4) / 7
-        (b,) = ctx.broadcast_arrays([cube] if rank == 0 else None)
-        assert b.shape == (2, 3, 4) and np.array_equal(b, cube)
-        assert ctx.all_gather_json({"rank": rank}) == [{"rank": 0}, {"rank": 1}]
-        assert ctx.total(rank + 2) == 5 and ctx.sums([rank + 0.25, 1]) == [1.5, 2.0]
-        assert ctx.from_main(lambda: {"name": f"from rank {rank}"}) == {"name": "from rank 0"}
-
-        def fails_validation() -> None:
-            raise ValidationError("run folder x already holds a run")
-
-        def fails_otherwise() -> None:
-            raise OSError("disk full")
-
-        # every rank raises (none waits forever): rank 0 its own error, the others one with its message
-        for fn, on_main, on_others, message in (
-                (fails_validation, ValidationError, ValidationError, "run folder x already holds a run"),
-                (fails_otherwise, OSError, RankFailedError, "rank 0 failed: OSError: disk full")):
-            try:
-                ctx.from_main(fn)
-            except on_main if rank == 0 else on_others as e:
-                assert rank == 0 or str(e) == message
-            else:
-                raise AssertionError(f"rank {rank}: from_main did not raise")
-        # the index rank 0 published reaches rank 1 whole, and mining in shares over it equals one pass
-        shared = share_index(index if rank == 0 else None, index.metric, index.spec.to_dict(), ctx)
-        assert np.array_equal(shared.ids, index.ids) and np.array_equal(shared.labels, index.labels)
-        assert np.array_equal(shared.vectors_of(index.ids), index.vectors_of(index.ids))
-        cfg = TrainConfig(strategy="hardest", positive="hardest", candidates=8)
-        merged, stats = mine_sharded(shared, cfg, 3, ctx)
-        whole, whole_stats = mine_tuples(index, cfg, 3)
-        assert all(np.array_equal(getattr(merged, f), getattr(whole, f)) for f in ("first", "second", "third"))
-        assert stats["triplets"] == whole_stats["triplets"] and stats["anchors"] == whole_stats["anchors"]
-    finally:
-        tdist.destroy_process_group()
+        with process_group("cpu") as ctx:
+            assert ctx == DistContext(rank, 2, rank, "gloo") and tdist.get_world_size() == 2
+            _exchange(ctx, index)
+            _fail_holding(refs)
+    except RuntimeError as e:
+        assert str(e) == "failed while holding a model"
+    else:
+        raise AssertionError(f"rank {rank}: the failure did not propagate")
+    # a DDP wrapper left in a failed frame would destroy the group later, joining gloo's threads under the GIL
+    assert alive_at_destroy == [False] and not tdist.is_initialized()
 
 
-def test_collectives_between_two_real_processes(tmp_path: Path) -> None:
+def _fail_holding(refs: list[weakref.ref]) -> None:
+    model = nn.Linear(2, 2)  # stands for the DDP wrapper a failing training frame holds
+    refs.append(weakref.ref(model))
+    raise RuntimeError("failed while holding a model")
+
+
+def _exchange(ctx: DistContext, index: VectorIndex) -> None:
+    """The collectives between the two ranks, each checked against what the other rank sent."""
+    rank = ctx.rank
+
+    def sent(r: int) -> list[np.ndarray]:  # what rank r sends: sizes, dtypes and dimensions differ by rank
+        return [np.arange(3 + r, dtype=np.int64) * (r + 1), np.full((r + 1, 4), r + 0.5, np.float32),
+                np.empty((0, 3), np.uint8), np.array([r == 0, True]), np.ones((2, 1, r + 1, 2), np.float64)]
+
+    got = ctx.all_gather_arrays(sent(rank))
+    for i in range(5):
+        for r in range(2):
+            assert got[i][r].dtype == sent(r)[i].dtype and np.array_equal(got[i][r], sent(r)[i]), (i, r)
+    gathered = ctx.gather_arrays(sent(rank))
+    assert (gathered is None) == (rank == 1)
+    if gathered is not None:
+        assert all(np.array_equal(gathered[i][r], sent(r)[i]) for i in range(5) for r in range(2))
+    cube = np.arange(24, dtype=np.float64).reshape(2, 3, 4) / 7
+    (b,) = ctx.broadcast_arrays([cube] if rank == 0 else None)
+    assert b.shape == (2, 3, 4) and np.array_equal(b, cube)
+    assert ctx.all_gather_json({"rank": rank}) == [{"rank": 0}, {"rank": 1}]
+    assert ctx.total(rank + 2) == 5 and ctx.sums([rank + 0.25, 1]) == [1.5, 2.0]
+    assert ctx.from_main(lambda: {"name": f"from rank {rank}"}) == {"name": "from rank 0"}
+
+    def fails_validation() -> None:
+        raise ValidationError("run folder x already holds a run")
+
+    def fails_otherwise() -> None:
+        raise OSError("disk full")
+
+    # every rank raises (none waits forever): rank 0 its own error, the others one with its message
+    for fn, on_main, on_others, message in (
+            (fails_validation, ValidationError, ValidationError, "run folder x already holds a run"),
+            (fails_otherwise, OSError, RankFailedError, "rank 0 failed: OSError: disk full")):
+        try:
+            ctx.from_main(fn)
+        except on_main if rank == 0 else on_others as e:
+            assert rank == 0 or str(e) == message
+        else:
+            raise AssertionError(f"rank {rank}: from_main did not raise")
+    # the index rank 0 published reaches rank 1 whole, and mining in shares over it equals one pass
+    shared = share_index(index if rank == 0 else None, index.metric, index.spec.to_dict(), ctx)
+    assert np.array_equal(shared.ids, index.ids) and np.array_equal(shared.labels, index.labels)
+    assert np.array_equal(shared.vectors_of(index.ids), index.vectors_of(index.ids))
+    cfg = TrainConfig(strategy="hardest", positive="hardest", candidates=8)
+    merged, stats = mine_sharded(shared, cfg, 3, ctx)
+    whole, whole_stats = mine_tuples(index, cfg, 3)
+    assert all(np.array_equal(getattr(merged, f), getattr(whole, f)) for f in ("first", "second", "third"))
+    assert stats["triplets"] == whole_stats["triplets"] and stats["anchors"] == whole_stats["anchors"]
+
+
+def test_collectives_between_two_real_processes() -> None:
     from conftest import make_clusters
 
+    with socket.socket() as s:  # a free port for the group's store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     data = make_clusters(300, 8, 5, seed=2, spread=0.9, shuffle_ids=False)
-    mp.spawn(_worker, args=(str(tmp_path / "store"), data.vectors, data.labels), nprocs=2, join=True)
+    mp.spawn(_worker, args=(port, data.vectors, data.labels), nprocs=2, join=True)
