@@ -65,10 +65,10 @@ class TrainConfig:
     # ---- mining
     mining: str = "global"  # global (snapshot + miner) | in-batch | random
     strategy: str | None = None  # None: semihard for both; hardest collapses early (FaceNet; here MAP@R 0.68 vs 0.93)
-    warmup: str = "random"  # what trains before the first snapshot exists: random tuples or in-batch mining
+    warmup: str = "in-batch"  # before the first snapshot: in-batch mining learns ~3x more per second than random tuples
     warmup_strategy: str = "semihard"  # the in-batch miner when warmup is "in-batch"
     warmup_epochs: int = 1  # a snapshot of an untrained model mines little more than noise
-    refresh_every: int = 2  # epochs between snapshots; embeddings drift slowly, re-mining each epoch costs time
+    refresh_every: int = 4  # epochs between snapshots; 1 costs +45% time for no gain, 8 scores the same as 4
     per_anchor: int = 1
     positive: str = "random"
     semihard_fallback: str = "hardest"  # anchors with no semi-hard negative still train
@@ -79,10 +79,10 @@ class TrainConfig:
     positive_aware: float | None = None  # NV-Retriever TopK-PercPos: drop negatives with sim > this x positive's
     near_duplicate: float | None = None  # drop negatives within this d² of the anchor
     candidates: int = 64  # nearest wrong-label neighbours searched per anchor
-    global_batches: str = "tuples"  # global: train on mined tuples, or on batches of confusable classes
-    batching: str = "random"  # item batches of in-batch mining (and warm-up): random | pk (P classes x K items)
+    global_batches: str = "classes"  # global: confusable-class batches (MAP@R per second: see docs/benchmarks.md)
+    batching: str = "pk"  # in-batch mining's batches: pk (P classes x K items) | random (few positives per anchor)
     per_class: int = 4  # pk and class batches: K items of each class (Hermans et al. 2017's K)
-    inbatch_strategy: str = "batch-hard"  # global: the in-batch miner of class batches and of mixed tuples
+    inbatch_strategy: str = "semihard"  # global: in-batch miner of class batches (batch-hard there: unstable)
     inbatch_mix: float = 0.0  # global tuples: weight of in-batch terms over each batch's items, added to its loss
     index: str = "flat"  # exact search: the training set is small and snapshots are rebuilt often
     # ---- run
@@ -173,7 +173,6 @@ class TrainConfig:
         if self.warmup_epochs >= self.epochs and self.mining == "global" and self.mode == "supervised":
             raise ValidationError(f"warmup_epochs ({self.warmup_epochs}) must be below epochs ({self.epochs}) with "
                                   f"mining 'global', or no epoch would train on mined triplets")
-        self._validate_batching()
         _positive("lr", self.lr)
         _positive("margin", self.margin)
         _positive("dw_cutoff", self.dw_cutoff)
@@ -192,9 +191,12 @@ class TrainConfig:
         for name in ("data", "store"):
             if not getattr(self, name):
                 raise ValidationError(f"{name} must not be empty")
+        self._validate_batching()
 
     def _validate_batching(self) -> None:
         _at_least("per_class", self.per_class, 2)
+        if self.mode != "supervised":
+            return  # labels are not read: no class batches, no triplet miner
         class_batches = self.batching == "pk" or (self.mining == "global" and self.global_batches == "classes")
         if class_batches and self.batch_size < 2 * self.per_class:
             raise ValidationError(f"batch_size ({self.batch_size}) must hold at least 2 classes of per_class "
@@ -206,6 +208,12 @@ class TrainConfig:
             raise ValidationError("inbatch_mix adds in-batch terms to batches of mined tuples, so it needs mining "
                                   "'global' with global_batches 'tuples' (class batches are all in-batch already); "
                                   "set inbatch_mix = 0 otherwise")
+        if self.mining == "global" and self.global_batches == "classes":
+            given = [n for n in ("strategy", "positive_aware", "near_duplicate") if getattr(self, n) is not None]
+            if given:
+                raise ValidationError(f"{', '.join(given)} configure the triplet miner, which global_batches "
+                                      f"'classes' does not run; set global_batches = 'tuples' (--global-batches "
+                                      f"tuples) to train on mined triplets, or leave {', '.join(given)} unset")
 
     def _validate_selfsup(self) -> None:
         _choice("mode", self.mode, MODES)

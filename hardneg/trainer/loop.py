@@ -293,7 +293,7 @@ class Trainer:
         self.inbatch = make_inbatch_miner(inbatch_strategy, cfg.margin) if cfg.mining != "random" else None
         # item batches of in-batch mining and of an in-batch warm-up
         self.sampler = (make_batch_sampler(cfg.batching, splits.train.y, cfg.batch_size, cfg.per_class)
-                        if cfg.mining != "random" else None)
+                        if cfg.mining != "random" and cfg.mode == "supervised" else None)
         # global mining's in-batch miner over class-composed batches, or mixed into mined batches
         composes = cfg.mining == "global" and (cfg.global_batches == "classes" or cfg.inbatch_mix > 0)
         self.batch_miner = make_inbatch_miner(cfg.inbatch_strategy, cfg.margin) if composes else None

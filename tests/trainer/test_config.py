@@ -20,7 +20,8 @@ def from_cli(argv: list[str]) -> TrainConfig:
 
 def test_cli_overrides_toml_overrides_defaults(tmp_path: Path) -> None:
     f = tmp_path / "run.toml"
-    f.write_text('epochs = 7\nlr = 0.01\nloss = "contrastive"\nrefresh-every = 3\npositive_aware = 0.9\n')
+    f.write_text('epochs = 7\nlr = 0.01\nloss = "contrastive"\nrefresh-every = 3\nglobal_batches = "tuples"\n'
+                 'positive_aware = 0.9\n')  # the triplet miner's guard: global mining on mined tuples
     c = from_cli(["--config", str(f), "--epochs", "5", "--margin", "0.4"])
     assert c.epochs == 5  # flag beats file
     assert c.lr == 0.01 and c.loss == "contrastive" and c.refresh_every == 3 and c.positive_aware == 0.9  # file
@@ -74,5 +75,5 @@ def test_refresh_schedule() -> None:
 
 
 def test_round_trip_through_a_dict() -> None:
-    c = TrainConfig(epochs=4, near_duplicate=0.01, model=None)
+    c = TrainConfig(epochs=4, global_batches="tuples", near_duplicate=0.01, model=None)
     assert TrainConfig.from_dict(c.to_dict()) == c

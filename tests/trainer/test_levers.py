@@ -213,6 +213,8 @@ def test_mixed_loss_without_in_batch_triplets_is_the_mined_mean() -> None:
     ({"inbatch_mix": 0.5, "mining": "in-batch"}, "inbatch_mix adds in-batch terms to batches of mined tuples"),
     ({"inbatch_mix": 0.5, "global_batches": "classes"}, "inbatch_mix adds in-batch terms"),
     ({"inbatch_strategy": "hardest"}, "inbatch_strategy must be one of batch-hard, semihard"),
+    ({"strategy": "hardest"}, "strategy configure the triplet miner, which global_batches 'classes' does not run"),
+    ({"positive_aware": 0.9, "near_duplicate": 0.1}, "positive_aware, near_duplicate configure the triplet miner"),
 ])
 def test_impossible_lever_values_name_the_field(values: dict, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
@@ -224,15 +226,16 @@ def test_lever_flags_fill_the_config() -> None:
     from hardneg.trainer.cli import _given
 
     args = build_parser().parse_args(["train", "--global-batches", "classes", "--batching", "pk", "--per-class", "8",
-                                      "--inbatch-strategy", "semihard", "--warmup-epochs", "2", "--refresh-every",
-                                      "3", "--positive-aware", "0.9"])
+                                      "--inbatch-strategy", "batch-hard", "--warmup-epochs", "2", "--refresh-every",
+                                      "3"])
     cfg = TrainConfig.from_sources(None, _given(args))
     assert (cfg.global_batches, cfg.batching, cfg.per_class) == ("classes", "pk", 8)
-    assert cfg.inbatch_strategy == "semihard"
-    assert (cfg.warmup_epochs, cfg.refresh_every, cfg.positive_aware) == (2, 3, 0.9)
-    args = build_parser().parse_args(["train", "--global-batches", "tuples", "--inbatch-mix", "0.25"])
+    assert (cfg.inbatch_strategy, cfg.warmup_epochs, cfg.refresh_every) == ("batch-hard", 2, 3)
+    args = build_parser().parse_args(["train", "--global-batches", "tuples", "--inbatch-mix", "0.25", "--strategy",
+                                      "window", "--window-skip", "2", "--positive-aware", "0.9"])
     cfg = TrainConfig.from_sources(None, _given(args))
-    assert (cfg.global_batches, cfg.inbatch_mix) == ("tuples", 0.25)
+    assert (cfg.global_batches, cfg.inbatch_mix, cfg.resolved_strategy) == ("tuples", 0.25, "window")
+    assert (cfg.window_skip, cfg.positive_aware) == (2, 0.9)
 
 
 # ------------------------------------------------------------------------------------------- in the loop
