@@ -140,10 +140,8 @@ def test_a_world_larger_than_the_data_or_the_batch_is_refused() -> None:
 
 # ------------------------------------------------------------- the mining
 @pytest.fixture(scope="module")
-def index() -> VectorIndex:
-    from conftest import make_clusters
-
-    data = make_clusters(600, 16, 7, seed=1, spread=0.9, shuffle_ids=False)
+def index(clusters) -> VectorIndex:
+    data = clusters(600, 16, 7, seed=1, spread=0.9, shuffle_ids=False)
     return VectorIndex.build(data.vectors, data.labels, np.arange(600), metric="cosine")
 
 
@@ -289,11 +287,10 @@ def _exchange(ctx: DistContext, index: VectorIndex) -> None:
     assert stats["triplets"] == whole_stats["triplets"] and stats["anchors"] == whole_stats["anchors"]
 
 
-def test_collectives_between_two_real_processes() -> None:
-    from conftest import make_clusters
+def test_collectives_between_two_real_processes(clusters) -> None:
 
     with socket.socket() as s:  # a free port for the group's store
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    data = make_clusters(300, 8, 5, seed=2, spread=0.9, shuffle_ids=False)
+    data = clusters(300, 8, 5, seed=2, spread=0.9, shuffle_ids=False)
     mp.spawn(_worker, args=(port, data.vectors, data.labels), nprocs=2, join=True)
