@@ -42,12 +42,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pool import run_in_pool  # bench/pool.py: sys.path[0] is bench/ when run as a script
 import torch
 
 from hardneg.trainer import loop
@@ -299,28 +299,11 @@ def run_one(spec: RunSpec) -> RunRecord:
     return rec
 
 
-def _worker_init() -> None:
-    """One thread per worker: two workers share the cores, and oversubscribed OpenMP slows both."""
-    os.environ["OMP_NUM_THREADS"] = "1"
-    logging.basicConfig(level=logging.WARNING)
-    # The trainer redraws plot.png after every epoch; this benchmark does not need it and it would be a
-    # fifth of the run time (it is outside the measured clock either way).
-    loop.plot_history = lambda history, path: None
-
-
 def run_all(specs: Sequence[RunSpec], workers: int) -> list[RunRecord]:
     """Run ``specs`` in ``workers`` processes (in order of submission), logging progress."""
-    import multiprocessing as mp
-
-    done: list[RunRecord] = []
-    started = time.monotonic()
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
-        for spec, rec in zip(specs, pool.map(run_one, specs)):
-            done.append(rec)
-            log.info("[%3d/%d %6.0fs] %-16s %-36s seed %d: MAP@R %.3f after %d epochs (%.1f s)", len(done),
-                     len(specs), time.monotonic() - started, spec.protocol, spec.method.name, spec.seed,
-                     rec.metrics["map_at_r"][-1], rec.epochs[-1], rec.seconds[-1])
-    return done
+    return run_in_pool(run_one, specs, workers, lambda spec, rec: (
+        f"{spec.protocol:<16} {spec.method.name:<36} seed {spec.seed}: MAP@R {rec.metrics['map_at_r'][-1]:.3f} "
+        f"after {rec.epochs[-1]} epochs ({rec.seconds[-1]:.1f} s)"))
 
 
 # ------------------------------------------------------------------------------------------------ summary

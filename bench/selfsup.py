@@ -33,12 +33,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pool import run_in_pool  # bench/pool.py: sys.path[0] is bench/ when run as a script
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = (("map_at_r", "MAP@R"), ("precision_at_1", "P@1"))
@@ -146,27 +146,10 @@ def run_one(spec: RunSpec) -> RunRecord:
     return rec
 
 
-def _worker_init() -> None:
-    """One thread per worker: workers share the cores, and oversubscribed OpenMP slows all of them."""
-    os.environ["OMP_NUM_THREADS"] = "1"
-    logging.basicConfig(level=logging.WARNING)
-    from hardneg.trainer import loop
-
-    loop.plot_history = lambda history, path: None  # outside the clock either way, and not needed here
-
-
 def run_all(specs: Sequence[RunSpec], workers: int) -> list[RunRecord]:
-    import multiprocessing as mp
-
-    done: list[RunRecord] = []
-    started = time.monotonic()
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
-        for spec, rec in zip(specs, pool.map(run_one, specs)):
-            done.append(rec)
-            log.info("[%2d/%d %5.0fs] %-20s seed %d: MAP@R %.3f after %d epochs (%.1f s, refresh %.1f s)",
-                     len(done), len(specs), time.monotonic() - started, spec.method, spec.seed,
-                     rec.metrics["map_at_r"][-1], rec.epochs[-1], rec.seconds[-1], rec.refresh_seconds)
-    return done
+    return run_in_pool(run_one, specs, workers, lambda spec, rec: (
+        f"{spec.method:<20} seed {spec.seed}: MAP@R {rec.metrics['map_at_r'][-1]:.3f} after {rec.epochs[-1]} "
+        f"epochs ({rec.seconds[-1]:.1f} s, refresh {rec.refresh_seconds:.1f} s)"))
 
 
 # ------------------------------------------------------------------------------------------------ summary
