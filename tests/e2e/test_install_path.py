@@ -116,3 +116,16 @@ def test_the_image_user_owns_every_volume_mount_point() -> None:
 def test_the_image_runs_hardneg_under_tini_with_cpu_torch() -> None:
     assert read_image().entrypoint == ["tini", "--", "hardneg"]  # exec form under an init: SIGTERM reaches hardneg
     assert "https://download.pytorch.org/whl/cpu" in DOCKERFILE.read_text()  # never the multi-GB CUDA build
+
+
+def test_build_args_default_to_a_plain_docker_build() -> None:
+    """scripts/compose-smoke.sh builds with a local base, the host's CA bundle and wheels; without build-args
+    the image is the usual one: python:3.11-slim for both stages, torch from PyTorch's CPU index, pip as is
+    (an empty PIP_CERT or PIP_FIND_LINKS is no setting to pip)."""
+    instructions = dockerfile_instructions()
+    defaults = dict(i.args.partition("=")[::2] for i in instructions if i.keyword == "ARG")
+    assert defaults == {"BASE": "python:3.11-slim", "TORCH_INDEX_URL": "https://download.pytorch.org/whl/cpu",
+                        "PIP_CERT": "", "PIP_FIND_LINKS": ""}
+    assert [i.args.split()[0] for i in instructions if i.keyword == "FROM"] == ["${BASE}", "${BASE}"]
+    # the global ARG comes before the first FROM, so that FROM can use it
+    assert [i.keyword for i in instructions][:2] == ["ARG", "FROM"]
