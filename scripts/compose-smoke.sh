@@ -182,8 +182,8 @@ for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.l
         && grep -Eq "^[^#]*[[:space:]]main([[:space:]]|$)" "$f" && sources+=("$f")
 done
 [ "${#sources[@]}" -gt 0 ] || skip_or_fail "no apt source for $CODENAME main on this host"
-exec 9>"${TMPDIR:-/tmp}/hardneg-smoke-base.lock"
-flock 9  # one build of the base at a time on this machine
+exec 9<"$(command -v mmdebstrap)"
+flock 9  # one build of the base at a time on this machine (a lock on a file that is there anyway)
 if podman image exists "$BASE_IMAGE"; then
     echo "    cached: $BASE_IMAGE"
 else
