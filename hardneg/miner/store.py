@@ -419,6 +419,9 @@ class SnapshotStore:
             raise SnapshotError(f"snapshot {name!r}: {MANIFEST} lacks required fields {list(_REQUIRED)}")
         if manifest.get("manifest_sha256") != _manifest_digest(manifest):
             raise SnapshotError(f"snapshot {name!r}: {MANIFEST} is corrupt (its checksum does not match its content)")
+        if not isinstance(manifest["format_version"], int) or isinstance(manifest["format_version"], bool):
+            raise SnapshotError(f"snapshot {name!r}: {MANIFEST} is malformed: format_version must be an integer, "
+                                f"got {manifest['format_version']!r}")
         if manifest["format_version"] != FORMAT_VERSION:
             raise SnapshotError(f"snapshot {name!r}: format version {manifest['format_version']} is not supported "
                                 f"(this hardneg reads version {FORMAT_VERSION})")
