@@ -180,9 +180,17 @@ def test_docker_compose_accepts_the_file_and_interpolates_like_the_tests(variabl
         assert theirs[name]["restart"] == service.restart
         assert sorted(theirs[name]["volumes"]) == sorted(
             f"{m.volume}:{m.target}:{'ro' if m.read_only else 'rw'}" for m in service.mounts)
-        assert [(f"{p['host_ip']}:{p['published']}" if p.get("host_ip") else str(p["published"]), p["target"])
-                for p in theirs[name].get("ports", [])] == service.ports
+        assert [_port(p) for p in theirs[name].get("ports", [])] == service.ports
         assert theirs[name].get("healthcheck", {}).get("test") == (service.healthcheck or {}).get("test")
+
+
+def _port(entry: str | dict) -> tuple[str, int]:
+    """A port of ``docker-compose config`` as (published, target): a dict, or "IP:PUBLISHED:TARGET/tcp" (v1 with an IP)."""
+    if isinstance(entry, str):
+        published, _, target = entry.removesuffix("/tcp").rpartition(":")
+        return published, int(target)
+    published = str(entry["published"])
+    return (f"{entry['host_ip']}:{published}" if entry.get("host_ip") else published), entry["target"]
 
 
 def test_docker_compose_interpolates_each_form_like_the_tests(tmp_path: Path) -> None:
