@@ -257,6 +257,17 @@ def test_a_malformed_manifest_with_matching_checksums_is_a_clear_409_on_pin(tmp_
         assert "snapshot 'bad'" in r.json()["detail"]
 
 
+def test_a_malformed_latest_is_never_served_so_get_snapshot_cannot_500(tmp_path: Path, clusters):
+    root = tmp_path / "store"
+    d = clusters(30, 4, 3, seed=2)
+    SnapshotStore(root).publish(VectorIndex.build(d.vectors, d.labels, d.ids), name="bad")
+    _malform(root, "bad", created_at=5)  # GET /snapshot's response model once failed on this: a 500
+    with TestClient(create_app(Settings(store=root, search_lanes=1, poll_seconds=0.05))) as c:
+        for path in ("/snapshot", "/readyz"):
+            r = c.get(path)
+            assert r.status_code == 503 and "no snapshot is loaded yet" in r.json()["detail"], r.text
+
+
 # ---------------------------------------------------------------- pinned snapshots
 def _state(tmp_path: Path, clusters) -> tuple[SnapshotState, list[str]]:
     """A state serving ``good`` whose loads are counted; ``bad`` has a corrupt index."""
