@@ -135,8 +135,6 @@ def _check_manifest(name: str, m: dict) -> None:
     def is_int(v: object) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
-    if not is_int(m["format_version"]):
-        raise bad("format_version", "an integer")
     if not isinstance(m["created_at"], str):
         raise bad("created_at", "an ISO 8601 string")
     if not is_int(m["dim"]) or m["dim"] < 1:

@@ -3,7 +3,7 @@
 Every operation of the service's own OpenAPI schema is called with generated requests, valid and invalid,
 and every answer must be below 500 and conform to the schema: a documented status code, the documented
 content type and a body that validates against its response model. Bounded: ``FUZZ_EXAMPLES`` cases per
-operation (default 60), derandomized so that a run is repeatable; the number of cases and of 5xx answers
+operation (default 60), seeded so that a run is repeatable; the number of cases and of 5xx answers
 is printed at the end of the run (tests/api/conftest.py).
 """
 
@@ -38,6 +38,7 @@ def _app_schema() -> dict:
 
 
 schema = schemathesis.openapi.from_dict(_app_schema())
+schema.config.seed = 12  # each operation draws from a seed derived from this one: runs repeat
 
 
 def test_the_fuzzed_schema_is_the_servers(live_server: ApiServer) -> None:
@@ -47,7 +48,7 @@ def test_the_fuzzed_schema_is_the_servers(live_server: ApiServer) -> None:
 
 
 @schema.parametrize()
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+@settings(max_examples=EXAMPLES, deadline=None, database=None,
           phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
 def test_no_generated_request_gives_a_5xx_or_breaks_the_schema(case, live_server: ApiServer) -> None:
     response = case.call(base_url=live_server.url, headers=AUTH, timeout=30)
