@@ -1,4 +1,4 @@
-"""FastAPI dependencies: settings, snapshot state, search lanes and the API-key check.
+"""FastAPI dependencies: settings, snapshot state, search lanes, the result cap and the API-key schemes.
 
 All are ``async def`` although none awaits: FastAPI runs plain ``def`` dependencies on the
 thread pool, a thread hop each (~0.2 ms), which made up most of a small request's time.
@@ -6,12 +6,13 @@ thread pool, a thread hop each (~0.2 ms), which made up most of a small request'
 
 from __future__ import annotations
 
-import hmac
+from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, Security, status
+from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from hardneg.api.limits import check_result_count
 from hardneg.api.metrics import ApiMetrics
 from hardneg.api.search import SearchLanes
 from hardneg.api.settings import Settings
@@ -52,20 +53,31 @@ async def get_served(state: StateDep) -> ServedSnapshot:
 ServedDep = Annotated[ServedSnapshot, Depends(get_served)]
 
 
+@dataclass(frozen=True)
+class ResultCap:
+    """``HARDNEG_MAX_RESULTS`` for a route: call :meth:`check` with its query count and ``k`` before searching."""
+
+    max_results: int
+
+    def check(self, queries: int, k: int) -> None:
+        """Raise :class:`~hardneg.api.limits.TooManyResultsError` (413) above the cap."""
+        check_result_count(queries, k, self.max_results)
+
+
+async def get_result_cap(settings: SettingsDep) -> ResultCap:
+    return ResultCap(settings.max_results)
+
+
+ResultCapDep = Annotated[ResultCap, Depends(get_result_cap)]
+
+
 async def require_api_key(
-    settings: SettingsDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
     api_key: Annotated[str | None, Security(_api_key_header)],
 ) -> None:
-    """401 unless HARDNEG_API_KEY is unset or the request carries it (Bearer token or X-API-Key header)."""
-    if settings.api_key is None:
-        return
-    expected = settings.api_key.get_secret_value().encode()
-    offered = [c.encode() for c in (bearer.credentials if bearer else None, api_key) if c is not None]
-    # compare_digest against every offered key (not short-circuiting) keeps timing independent of the key.
-    ok = [hmac.compare_digest(c, expected) for c in offered]
-    if not any(ok):
-        why = "wrong API key" if offered else "missing API key"
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED,
-                            f"{why}: send 'Authorization: Bearer <HARDNEG_API_KEY>' or 'X-API-Key: <HARDNEG_API_KEY>'",
-                            headers={"WWW-Authenticate": "Bearer"})
+    """Declares the two API-key schemes in the OpenAPI schema of the routes that need the key.
+
+    The key itself is checked by :class:`~hardneg.api.limits.ApiKeyMiddleware` for every route but the open
+    ones, from the headers, before the body is read: a dependency runs only after FastAPI has read and parsed
+    the body, which let an unauthenticated client make the server buffer and parse up to the body limit.
+    """

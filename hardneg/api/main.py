@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 
 from hardneg import __version__
 from hardneg.api.deps import require_api_key
-from hardneg.api.limits import BodyLimitMiddleware
+from hardneg.api.limits import ApiKeyMiddleware, BodyLimitMiddleware, TooManyResultsError
 from hardneg.api.metrics import ApiMetrics, MetricsMiddleware
 from hardneg.api.reloader import Reloader
 from hardneg.api.routes import health, neighbors, snapshot
@@ -34,15 +34,21 @@ from hardneg.miner.store import SnapshotStore
 log = logging.getLogger(__name__)
 
 # Library errors -> HTTP status; each message already says what is accepted.
-_STATUS = ((ValidationError, 400), (NotFoundError, 404), (SnapshotError, 409), (NotReadyError, 503))
+_STATUS = ((ValidationError, 400), (TooManyResultsError, 413), (NotFoundError, 404), (SnapshotError, 409),
+           (NotReadyError, 503))
+# Routes that never need the API key: orchestrators' probes.
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     reloader: Reloader = app.state.reloader
-    log.info("hardneg api: store %s, %d search lanes x %d FAISS threads, polling every %.2f s",
-             settings.store, settings.search_lanes, settings.faiss_threads, settings.poll_seconds)
+    log.info("hardneg api: store %s, %d search lanes x %d FAISS threads, polling every %.2f s; %s",
+             settings.store, settings.search_lanes, settings.faiss_threads, settings.poll_seconds,
+             "snapshots must be signed (HARDNEG_STORE_KEY), models are loaded" if settings.store_key else
+             "trusted store: models are loaded from unsigned snapshots" if settings.trust_store else
+             "unsigned store: models are not loaded, raw inputs are refused")
     await reloader.check_once()
     async with anyio.create_task_group() as tg:
         tg.start_soon(reloader.run)
@@ -65,7 +71,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.lanes = SearchLanes(settings.search_lanes, settings.faiss_threads)
-    app.state.snapshots = SnapshotState(SnapshotStore(settings.store), settings.pin_cache, settings.faiss_threads)
+    app.state.snapshots = SnapshotState(SnapshotStore(settings.store, key=settings.store_key_bytes), settings.pin_cache,
+                                        settings.faiss_threads, load_models=settings.loads_models,
+                                        run=app.state.lanes.run)
     app.state.reloader = Reloader(app.state.snapshots, metrics, settings.poll_seconds, settings.retry_seconds)
 
     protected = [Depends(require_api_key)]
@@ -76,8 +84,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for exc_type, code in _STATUS:
         app.add_exception_handler(exc_type, _error_handler(code))
-    # Added last = outermost: metrics also count the 413s the body limit answers.
+    # Each add wraps the previous: metrics (outermost, so they count the 401s and 413s too), then the key,
+    # checked before the body limit reads a byte of the body.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    api_key = settings.api_key.get_secret_value().encode() if settings.api_key is not None else None
+    open_paths = OPEN_PATHS | ({"/metrics"} if settings.metrics_open else set())
+    app.add_middleware(ApiKeyMiddleware, key=api_key, open_paths=frozenset(open_paths))
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=[r for router, _ in routers for r in router.routes])
     return app
 

@@ -14,7 +14,7 @@ import anyio
 import anyio.to_thread
 
 from hardneg.api.metrics import ApiMetrics
-from hardneg.api.state import SnapshotState, load_snapshot
+from hardneg.api.state import SnapshotState
 from hardneg.miner.errors import SnapshotError
 from hardneg.miner.store import LATEST
 
@@ -47,7 +47,9 @@ class Reloader:
         except FileNotFoundError:
             return None
         # Publishing replaces LATEST with os.replace, so a rewrite changes its inode even within one mtime tick.
-        return path.read_text().strip(), st.st_mtime_ns, st.st_ino
+        with open(path, "rb") as f:  # a name is at most 128 characters; never read a planted huge file whole
+            name = f.read(256).decode("utf-8", "replace").strip()
+        return name, st.st_mtime_ns, st.st_ino
 
     async def check_once(self) -> bool:
         """Look at LATEST once and swap to the snapshot it names if that is new; True when a swap happened."""
@@ -65,7 +67,7 @@ class Reloader:
         if stamp == self._failed and time.monotonic() < self._retry_at:
             return False
         try:
-            snap = await anyio.to_thread.run_sync(load_snapshot, self.state.store, name, self.state.torch_threads)
+            snap = await anyio.to_thread.run_sync(self.state.load, name)
         except Exception as e:  # noqa: BLE001 - any failure must leave the old snapshot served, not kill the watcher
             self._failed, self._retry_at = stamp, time.monotonic() + self.retry_seconds
             self.metrics.reloads.labels(result="failure").inc()

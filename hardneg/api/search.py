@@ -17,6 +17,7 @@ import faiss
 import numpy as np
 import pydantic_core
 
+from hardneg.api.limits import check_result_count
 from hardneg.api.schemas import NeighborsRequest
 from hardneg.api.settings import Settings
 from hardneg.api.state import ServedSnapshot
@@ -57,6 +58,7 @@ def check_request(req: NeighborsRequest, settings: Settings) -> None:
                               "request (HARDNEG_MAX_BATCH)")
     if not 1 <= req.k <= settings.max_k:
         raise ValidationError(f"k must be between 1 and {settings.max_k} (HARDNEG_MAX_K), got {req.k}")
+    check_result_count(n, req.k, settings.max_results)
     if req.ids is not None and req.labels is not None:
         raise ValidationError("labels are only accepted with vectors or inputs; queries by ids use the stored labels")
     if req.labels is not None and len(req.labels) != n:
@@ -118,6 +120,12 @@ def _vectors(vectors: list[list[float]], dim: int, name: str) -> np.ndarray:
 
 def _embed(snap: ServedSnapshot, inputs: list) -> np.ndarray:
     """Embed raw ``inputs`` with the snapshot's own model: (n, dim) float32."""
+    if snap.model is None and snap.has_model_file:
+        raise ValidationError(f"raw inputs are disabled: this service does not load models (model.pt2 of snapshot "
+                              f"{snap.name}) from an unsigned store, because loading one runs code from the store. "
+                              "To enable them, set HARDNEG_STORE_KEY to the key the publisher signs snapshots with, "
+                              "or HARDNEG_TRUST_STORE=1 if only trusted processes can write the store; or query by "
+                              "vectors or ids")
     if snap.model is None:
         raise ValidationError(f"snapshot {snap.name} has no exported model (model.pt2), so it cannot embed inputs; "
                               "query by vectors or ids instead")

@@ -34,7 +34,15 @@ class Settings(BaseSettings):
     metrics_open: bool = Field(
         False, description="serve /metrics without the API key (for a scraper that cannot send one); "
                            "off by default because metrics name snapshots and routes")
+    store_key: SecretStr | None = Field(
+        None, description="the store key the publisher signs snapshots with (HMAC-SHA256 of each manifest); "
+                          "with it, unsigned or badly signed snapshots are refused before any file is parsed")
+    trust_store: bool = Field(
+        False, description="load model.pt2 (which can run code) from an unsigned store; without a store key "
+                           "and without this, raw `inputs` queries are refused and models are never loaded")
     max_k: int = Field(1000, ge=1, description="largest k a request may ask for")
+    # 100k neighbours are ~5 MB of JSON; 1024 queries x k=1000 would be ~53 MB and +315 MB of peak RSS.
+    max_results: int = Field(100_000, ge=1, description="most neighbours one request may ask for (k x queries)")
     max_batch: int = Field(1024, ge=1, description="most queries in one POST /neighbors")
     # 1024 queries of 768 floats as JSON text is ~15 MiB; 32 MiB leaves room without
     # letting one client make the server buffer arbitrary amounts.
@@ -50,8 +58,14 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, description="uvicorn worker processes (each holds its own copy of the snapshot)")
     pin_cache: int = Field(2, ge=0, description="older snapshots kept loaded for requests that pin one by name")
     access_log: bool = Field(True, description="log one line per request")
+    # uvicorn closes idle keep-alive connections after timeout_keep_alive, but has no limit on a new connection
+    # that sends nothing or trickles its headers or body; hardneg serve adds this one (see hardneg.api.server).
+    request_timeout_seconds: float = Field(
+        30.0, gt=0, description="a client must send a whole request (headers and body) within this long "
+                                "of connecting or of its previous response")
+    keepalive_seconds: int = Field(5, ge=1, description="idle keep-alive connections are closed after this long")
 
-    @field_validator("api_key")
+    @field_validator("api_key", "store_key")
     @classmethod
     def _empty_key_is_none(cls, v: SecretStr | None) -> SecretStr | None:
         # HARDNEG_API_KEY= (empty) in a compose file means "no key", not "the empty key".
@@ -63,3 +77,12 @@ class Settings(BaseSettings):
         if self.omp_threads is not None:
             return self.omp_threads
         return max(1, available_cores() // (self.search_lanes * self.workers))
+
+    @property
+    def store_key_bytes(self) -> bytes | None:
+        return self.store_key.get_secret_value().encode() if self.store_key is not None else None
+
+    @property
+    def loads_models(self) -> bool:
+        """Whether model.pt2 may be loaded: signed snapshots (a store key) or a store the operator trusts."""
+        return self.store_key is not None or self.trust_store

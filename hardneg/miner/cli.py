@@ -60,7 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _store_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", required=True, type=Path, help="snapshot store folder")
+    p.add_argument("--store", required=True, type=Path,
+                   help="snapshot store folder; with HARDNEG_STORE_KEY set, snapshots are signed when built and "
+                        "refused when read unless signed with that key")
 
 
 def _int_csv(text: str) -> list[int]:

@@ -35,9 +35,18 @@ class Distance:
         """Return ``x`` (n, d) as contiguous float32, L2-normalised for cosine."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if self.normalize:
-            norms = np.linalg.norm(x, axis=1, keepdims=True)
-            if np.any(norms == 0):
-                raise ValidationError("cosine metric: a vector has zero norm and has no direction; remove it or use metric 'l2'")
+            with np.errstate(over="ignore", under="ignore"):
+                norms = np.linalg.norm(x, axis=1, keepdims=True)
+            bad = (norms == 0) | ~np.isfinite(norms)
+            if np.any(bad):
+                # The float32 sum of squares overflows above ~1.8e19 per entry (or underflows below ~1e-23):
+                # those rows are first divided by their largest magnitude, which leaves their direction as it is.
+                scale = np.abs(x).max(axis=1, keepdims=True)
+                if np.any(scale == 0):
+                    raise ValidationError("cosine metric: a vector has zero norm and has no direction; remove it "
+                                          "or use metric 'l2'")
+                x = np.where(bad, x / scale, x)
+                norms = np.where(bad, np.linalg.norm(x, axis=1, keepdims=True), norms)
             x = np.ascontiguousarray(x / norms, dtype=np.float32)
         return x
 

@@ -23,7 +23,8 @@ def register_mine(sub: argparse._SubParsersAction) -> None:
                                    "arrays anchor, positive, negative, pair_i, pair_j, pair_y (stored ids; "
                                    "pair_y 0 = similar, 1 = dissimilar) and prints the statistics. "
                                    "Distances and margins are squared Euclidean d².")
-    p.add_argument("--store", required=True, type=Path, help="snapshot store folder")
+    p.add_argument("--store", required=True, type=Path,
+                   help="snapshot store folder; with HARDNEG_STORE_KEY set, unsigned snapshots are refused")
     p.add_argument("--snapshot", help="snapshot name (default: LATEST)")
     p.add_argument("--out", required=True, type=Path, help="the .npz file to write")
     p.add_argument("--strategy", required=True, choices=STRATEGIES)

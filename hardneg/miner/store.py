@@ -7,6 +7,7 @@
       snapshots/<name>/      immutable once published
         manifest.json        format, name, created_at, dim, metric, count, index spec, model spec,
                              training metadata, sha256 and size of every other file
+        manifest.sig         with a store key: HMAC-SHA256 of manifest.json's bytes (hex)
         index.faiss          FAISS index; row i holds ids[i]
         ids.npy labels.npy   int64, loaded with allow_pickle=False
         model.pt2            optional: the embedding model as a torch.export program
@@ -14,12 +15,24 @@
 Publishing writes into a temporary folder inside STORE, fsyncs it, renames it into
 ``snapshots/`` and only then replaces ``LATEST``: a crash at any point leaves the
 previous snapshot intact and ``LATEST`` naming a complete one.
+
+**Signing.** With a store key (``HARDNEG_STORE_KEY`` by default), :meth:`SnapshotStore.publish`
+writes ``manifest.sig``, an HMAC-SHA256 of the manifest's exact bytes; the manifest lists every
+file's sha256, so the signature covers every file. A store with a key refuses an unsigned or
+badly signed snapshot in :meth:`~SnapshotStore.read_manifest`, before any of its files is read,
+let alone parsed by FAISS, NumPy or torch. The sha256 fields alone are checksums against
+corruption, not against someone who can write to the store (they can recompute them).
+
+**Permissions.** Published files are 0644 and folders 0755 whatever the umask, so readers running
+as another user (an api container) can read them.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import hmac
+import io
 import json
 import logging
 import os
@@ -28,9 +41,11 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import faiss
 import numpy as np
@@ -40,6 +55,7 @@ from hardneg.miner.errors import NotFoundError, SnapshotError, ValidationError
 from hardneg.miner.index import IndexSpec, VectorIndex
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -49,14 +65,36 @@ INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.npy"
 LABELS_FILE = "labels.npy"
 MODEL_FILE = "model.pt2"
+SIGNATURE = "manifest.sig"
+STORE_KEY_ENV = "HARDNEG_STORE_KEY"
+FILE_MODE = 0o644
+DIR_MODE = 0o755
 _TMP_PREFIX = ".tmp-"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# fullmatch, not match with "$": "$" also matches before a trailing newline.
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _REQUIRED = ("format_version", "name", "created_at", "dim", "metric", "count", "index", "files")
+# A manifest lists a few files and a training config; anything this large is not one of ours.
+_MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+class _FromEnv:
+    """Default of ``SnapshotStore(key=...)``: read ``HARDNEG_STORE_KEY`` when the store is created."""
+
+    def __repr__(self) -> str:
+        return f"<from ${STORE_KEY_ENV}>"
+
+
+FROM_ENV = _FromEnv()
+
+
+def _is_name(name: object) -> bool:
+    return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None and ".." not in name
 
 
 def validate_name(name: str) -> str:
     """Return ``name`` if it is a safe snapshot name, else raise :class:`ValidationError`."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+    if not _is_name(name):
         raise ValidationError(
             f"invalid snapshot name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, without '..' or '/'")
@@ -69,6 +107,60 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def sign_manifest(key: bytes, manifest_bytes: bytes) -> str:
+    """HMAC-SHA256 of a manifest's exact bytes, as hex (the content of ``manifest.sig``)."""
+    return hmac.new(key, manifest_bytes, hashlib.sha256).hexdigest()
+
+
+def _key_bytes(key: str | bytes | None | _FromEnv) -> bytes | None:
+    if isinstance(key, _FromEnv):
+        key = os.environ.get(STORE_KEY_ENV) or None
+    if key is None or key in ("", b""):
+        return None
+    return key.encode() if isinstance(key, str) else bytes(key)
+
+
+def _check_manifest(name: str, m: dict) -> None:
+    """Raise :class:`SnapshotError` naming the first field of a parsed manifest that has the wrong type or value.
+
+    A manifest can be well-formed JSON with a matching digest and still be wrong (written by hand, by another
+    tool or by a bug); nothing downstream should meet a string where a count belongs.
+    """
+    def bad(field: str, want: str) -> SnapshotError:
+        return SnapshotError(f"snapshot {name!r}: {MANIFEST} is malformed: {field} must be {want}, "
+                             f"got {str(m.get(field, '<missing>'))[:80]!r}")
+
+    def is_int(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not isinstance(m["created_at"], str):
+        raise bad("created_at", "an ISO 8601 string")
+    if not is_int(m["dim"]) or m["dim"] < 1:
+        raise bad("dim", "a positive integer")
+    if not is_int(m["count"]) or m["count"] < 0:
+        raise bad("count", "a non-negative integer")
+    if not isinstance(m["metric"], str):
+        raise bad("metric", "a string")
+    if not isinstance(m["index"], dict) or not isinstance(m["index"].get("factory"), str):
+        raise bad("index", "an object with a string 'factory'")
+    if "num_classes" in m and m["num_classes"] is not None and not is_int(m["num_classes"]):
+        raise bad("num_classes", "an integer")
+    if not isinstance(m.get("meta", {}), dict):
+        raise bad("meta", "an object")
+    model = m.get("model")
+    if model is not None:
+        shape = model.get("input_shape") if isinstance(model, dict) else None
+        if not isinstance(model, dict) or (shape is not None and not (
+                isinstance(shape, list) and all(is_int(s) and s >= 1 for s in shape))):
+            raise bad("model", "null or an object whose input_shape is a list of positive integers")
+    files = m["files"]
+    if not isinstance(files, dict) or not all(
+            _is_name(f) and isinstance(v, dict) and isinstance(v.get("sha256"), str)
+            and _SHA256_RE.fullmatch(v["sha256"]) and is_int(v.get("size")) and v["size"] >= 0
+            for f, v in files.items()):
+        raise bad("files", "an object mapping file names to {sha256: 64 hex digits, size: integer}")
 
 
 def _manifest_digest(manifest: Mapping) -> str:
@@ -119,14 +211,23 @@ class SnapshotStore:
 
     Args:
         root: the store folder (created on first publish).
-        keep: how many of the newest snapshots :meth:`retain` keeps (the one ``LATEST`` names is always kept).
+        keep: how many of the newest snapshots :meth:`retain` keeps (the one ``LATEST`` names, and the newest
+            one that verifies, are always kept).
+        key: the store key. With one, :meth:`publish` signs each manifest and every read refuses a snapshot
+            that is unsigned or badly signed. Default: ``HARDNEG_STORE_KEY`` (unset or empty: no key).
     """
 
-    def __init__(self, root: str | os.PathLike, keep: int = 5) -> None:
+    def __init__(self, root: str | os.PathLike, keep: int = 5, key: str | bytes | None | _FromEnv = FROM_ENV) -> None:
         if keep < 1:
             raise ValidationError(f"keep must be at least 1, got {keep}")
         self.root = Path(root)
         self.keep = keep
+        self._key = _key_bytes(key)
+
+    @property
+    def signed(self) -> bool:
+        """True when this store has a key: what it reads was signed with that key."""
+        return self._key is not None
 
     # ----------------------------------------------------------------- paths
     @property
@@ -155,7 +256,7 @@ class SnapshotStore:
         """
         if not self.snapshots_dir.is_dir():
             return []
-        names = [p.name for p in self.snapshots_dir.iterdir() if p.is_dir() and _NAME_RE.match(p.name)]
+        names = [p.name for p in self.snapshots_dir.iterdir() if p.is_dir() and _is_name(p.name)]
         return sorted(names, key=lambda n: (self._created_at(n), n))
 
     def _created_at(self, name: str) -> str:
@@ -193,14 +294,14 @@ class SnapshotStore:
         if name is not None:
             validate_name(name)
         for fname in extra_files or {}:
-            if fname in (MANIFEST, INDEX_FILE, IDS_FILE, LABELS_FILE) or not _NAME_RE.match(fname) or ".." in fname:
+            if fname in (MANIFEST, SIGNATURE, INDEX_FILE, IDS_FILE, LABELS_FILE) or not _is_name(fname):
                 raise ValidationError(f"cannot publish an extra file named {fname!r}")
-        self.snapshots_dir.mkdir(parents=True, exist_ok=True)
+        self._make_dirs()
         tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.root))
         try:
             # mkdtemp makes the folder 0700; a published snapshot must be readable by readers running as
             # other users (an api replica under another uid). Not umask-derived: reading the umask races threads.
-            os.chmod(tmp, 0o755)
+            os.chmod(tmp, DIR_MODE)
             files = self._write_payload(tmp, index, extra_files or {})
             manifest = {
                 "format_version": FORMAT_VERSION,
@@ -225,6 +326,27 @@ class SnapshotStore:
             self.retain()
         return final
 
+    def _make_dirs(self) -> None:
+        """Create the store and ``snapshots/`` (0755 whatever the umask; existing folders are left as they are)."""
+        for d in (self.root, self.snapshots_dir):
+            if not d.is_dir():
+                d.mkdir(parents=True, exist_ok=True)
+                os.chmod(d, DIR_MODE)
+
+    @contextmanager
+    def staging(self, what: str) -> Iterator[Path]:
+        """A private scratch folder inside the store, removed on exit (e.g. for a model export before publishing).
+
+        Inside the store rather than in /tmp: a publisher killed before its ``finally`` runs leaves the folder
+        under the store's temp prefix, and the next :meth:`retain` of any publisher removes it once it is stale.
+        """
+        self._make_dirs()
+        path = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{what}-", dir=self.root))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
     def _write_payload(self, tmp: Path, index: VectorIndex, extra: Mapping[str, str | os.PathLike]) -> dict:
         faiss.write_index(index.index, str(tmp / INDEX_FILE))
         np.save(tmp / IDS_FILE, index.ids.astype(np.int64), allow_pickle=False)
@@ -233,6 +355,7 @@ class SnapshotStore:
             shutil.copyfile(src, tmp / fname)
         files = {}
         for p in sorted(tmp.iterdir()):
+            os.chmod(p, FILE_MODE)
             _fsync_path(p)
             files[p.name] = {"sha256": sha256_file(p), "size": p.stat().st_size}
         return files
@@ -243,11 +366,10 @@ class SnapshotStore:
             final = name or self._next_name()
             manifest["name"] = final
             manifest["manifest_sha256"] = _manifest_digest(manifest)
-            mpath = tmp / MANIFEST
-            with open(mpath, "w") as f:
-                json.dump(manifest, f, indent=2, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
+            data = (json.dumps(manifest, indent=2, sort_keys=True)).encode()
+            self._write_file(tmp / MANIFEST, data)
+            if self._key is not None:
+                self._write_file(tmp / SIGNATURE, (sign_manifest(self._key, data) + "\n").encode())
             _fsync_path(tmp)
             try:
                 os.rename(tmp, self.snapshots_dir / final)
@@ -259,82 +381,164 @@ class SnapshotStore:
             return final
         raise SnapshotError("could not find a free snapshot name")
 
+    @staticmethod
+    def _write_file(path: Path, data: bytes) -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(path, FILE_MODE)
+
     def _next_name(self) -> str:
         numbers = [int(n) for n in self.names() if n.isdigit()]
         return f"{(max(numbers) + 1) if numbers else 1:06d}"
 
     def _point_latest(self, name: str) -> None:
         tmp = self.root / f"{_TMP_PREFIX}{LATEST}-{uuid.uuid4().hex}"
-        with open(tmp, "w") as f:
-            f.write(name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self._write_file(tmp, (name + "\n").encode())
         os.replace(tmp, self.root / LATEST)
         _fsync_path(self.root)
 
     # ----------------------------------------------------------- read/verify
     def read_manifest(self, name: str) -> dict:
-        """Parse and check the manifest of ``name`` (structure and its own digest), without checking files."""
+        """Parse and check the manifest of ``name`` (signature with a key, structure, its own digest), not the files."""
         path = self.path_of(name)
         if not path.is_dir():
-            raise NotFoundError(f"snapshot {name!r} does not exist in {self.root}; available: {self.names()[-10:]}")
-        mpath = path / MANIFEST
+            raise NotFoundError(f"snapshot {name!r} does not exist in the store; available: {self.names()[-10:]}")
+        data = self._read_bounded(name, path / MANIFEST, _MAX_MANIFEST_BYTES)
+        if data is None:
+            raise SnapshotError(f"snapshot {name!r} is incomplete: {MANIFEST} is missing")
+        self._check_signature(name, path, data)
         try:
-            manifest = json.loads(mpath.read_text())
-        except FileNotFoundError:
-            raise SnapshotError(f"snapshot {name!r} is incomplete: {MANIFEST} is missing") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            manifest = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise SnapshotError(f"snapshot {name!r}: {MANIFEST} is corrupt ({e})") from None
         if not isinstance(manifest, dict) or any(k not in manifest for k in _REQUIRED):
             raise SnapshotError(f"snapshot {name!r}: {MANIFEST} lacks required fields {list(_REQUIRED)}")
         if manifest.get("manifest_sha256") != _manifest_digest(manifest):
             raise SnapshotError(f"snapshot {name!r}: {MANIFEST} is corrupt (its checksum does not match its content)")
+        if not isinstance(manifest["format_version"], int) or isinstance(manifest["format_version"], bool):
+            raise SnapshotError(f"snapshot {name!r}: {MANIFEST} is malformed: format_version must be an integer, "
+                                f"got {manifest['format_version']!r}")
         if manifest["format_version"] != FORMAT_VERSION:
             raise SnapshotError(f"snapshot {name!r}: format version {manifest['format_version']} is not supported "
                                 f"(this hardneg reads version {FORMAT_VERSION})")
         if manifest["name"] != name:
             raise SnapshotError(f"snapshot {name!r}: {MANIFEST} names a different snapshot ({manifest['name']!r})")
+        _check_manifest(name, manifest)
         return manifest
+
+    @staticmethod
+    def _read_bounded(name: str, path: Path, limit: int) -> bytes | None:
+        """The bytes of ``path`` (None if it does not exist); SnapshotError if it is larger than ``limit``."""
+        try:
+            with open(path, "rb") as f:
+                data = f.read(limit + 1)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise SnapshotError(f"snapshot {name!r}: cannot read {path.name} ({e.strerror})") from None
+        if len(data) > limit:
+            raise SnapshotError(f"snapshot {name!r}: {path.name} is larger than {limit} bytes; not a hardneg file")
+        return data
+
+    def _check_signature(self, name: str, path: Path, manifest_bytes: bytes) -> None:
+        """With a key: SnapshotError unless ``manifest.sig`` holds the HMAC of ``manifest_bytes``."""
+        if self._key is None:
+            return
+        sig = self._read_bounded(name, path / SIGNATURE, 1024)
+        if sig is None:
+            raise SnapshotError(f"snapshot {name!r} is not signed ({SIGNATURE} is missing) but {STORE_KEY_ENV} is "
+                                "set: refused. Publish it again with the same key, or unset the key to read "
+                                "unsigned snapshots")
+        try:
+            offered = sig.decode("ascii").strip().encode()
+        except UnicodeDecodeError:
+            offered = b""
+        if not hmac.compare_digest(offered, sign_manifest(self._key, manifest_bytes).encode()):
+            raise SnapshotError(f"snapshot {name!r} is badly signed ({SIGNATURE} does not match its {MANIFEST} "
+                                f"under {STORE_KEY_ENV}): refused; it was changed after publishing or signed "
+                                "with another key")
 
     def verify(self, name: str | None = None) -> dict:
         """Check ``name`` (default: LATEST) file by file; return its manifest or raise :class:`SnapshotError`
-        naming the first missing or corrupt file."""
+        naming the first missing or corrupt file. Nothing is parsed but the manifest (after its signature)."""
         name = self._require_latest() if name is None else name
+        manifest = self._read_listed_manifest(name)
+        for fname in sorted(manifest["files"]):
+            self._check_file(name, manifest, fname, sha256_file)
+        return manifest
+
+    def read_file(self, name: str, fname: str, manifest: Mapping | None = None) -> bytes:
+        """The bytes of snapshot ``name``'s file ``fname``, checked against the (signed) manifest's sha256.
+
+        Read once into memory and checked there, so what a parser then sees is exactly what was checked
+        (reading the path again could meet a file replaced in between).
+        """
+        manifest = self.read_manifest(name) if manifest is None else manifest
+        if fname not in manifest["files"]:
+            raise SnapshotError(f"snapshot {name!r}: {MANIFEST} does not list {fname}")
+        return self._check_file(name, manifest, fname, lambda p: p.read_bytes())
+
+    def _read_listed_manifest(self, name: str) -> dict:
         manifest = self.read_manifest(name)
-        path = self.path_of(name)
         for required in (INDEX_FILE, IDS_FILE, LABELS_FILE):
             if required not in manifest["files"]:
                 raise SnapshotError(f"snapshot {name!r}: {MANIFEST} does not list {required}")
-        for fname, want in sorted(manifest["files"].items()):
-            fpath = path / validate_name(fname)
-            if not fpath.is_file():
-                raise SnapshotError(f"snapshot {name!r}: {fname} is missing")
-            if fpath.stat().st_size != want["size"]:
-                raise SnapshotError(f"snapshot {name!r}: {fname} is corrupt (size {fpath.stat().st_size}, "
-                                    f"manifest says {want['size']})")
-            if sha256_file(fpath) != want["sha256"]:
-                raise SnapshotError(f"snapshot {name!r}: {fname} is corrupt (sha256 mismatch)")
         return manifest
 
-    def open(self, name: str | None = None) -> Snapshot:
-        """Verify and load ``name`` (default: the one ``LATEST`` names)."""
-        name = self._require_latest() if name is None else name
-        manifest = self.verify(name)
-        path = self.path_of(name)
+    def _check_file(self, name: str, manifest: Mapping, fname: str, read: Callable[[Path], T]) -> T:
+        """``read(path)`` of a listed file after checking its size; then its sha256 against the manifest.
+
+        ``read`` returns either the file's sha256 (streaming) or its bytes (hashed here).
+        """
+        want = manifest["files"][fname]
+        fpath = self.path_of(name) / validate_name(fname)
         try:
-            ids = np.load(path / IDS_FILE, allow_pickle=False)
-            labels = np.load(path / LABELS_FILE, allow_pickle=False)
-            fidx = faiss.read_index(str(path / INDEX_FILE))
+            size = fpath.stat().st_size
+            if not fpath.is_file():
+                raise FileNotFoundError
+            if size != want["size"]:
+                raise SnapshotError(f"snapshot {name!r}: {fname} is corrupt (size {size}, manifest says {want['size']})")
+            got = read(fpath)
+        except FileNotFoundError:
+            raise SnapshotError(f"snapshot {name!r}: {fname} is missing") from None
+        except OSError as e:
+            raise SnapshotError(f"snapshot {name!r}: cannot read {fname} ({e.strerror})") from None
+        digest = hashlib.sha256(got).hexdigest() if isinstance(got, bytes) else got
+        if digest != want["sha256"]:
+            raise SnapshotError(f"snapshot {name!r}: {fname} is corrupt (sha256 mismatch)")
+        return got
+
+    def open(self, name: str | None = None) -> Snapshot:
+        """Verify and load ``name`` (default: the one ``LATEST`` names).
+
+        The signature (with a key) and every file's checksum are checked before FAISS or NumPy parse anything;
+        the parsers read the very bytes that were checked. Other listed files (``model.pt2``) are checked too,
+        but not loaded: see :meth:`read_file`.
+        """
+        name = self._require_latest() if name is None else name
+        manifest = self._read_listed_manifest(name)
+        blobs = {f: self.read_file(name, f, manifest) for f in (IDS_FILE, LABELS_FILE, INDEX_FILE)}
+        for fname in sorted(set(manifest["files"]) - set(blobs)):
+            self._check_file(name, manifest, fname, sha256_file)
+        try:
+            ids = np.load(io.BytesIO(blobs[IDS_FILE]), allow_pickle=False)
+            labels = np.load(io.BytesIO(blobs[LABELS_FILE]), allow_pickle=False)
+            fidx = faiss.deserialize_index(np.frombuffer(blobs.pop(INDEX_FILE), dtype=np.uint8))
         except (ValueError, OSError, RuntimeError) as e:
             raise SnapshotError(f"snapshot {name!r}: cannot load its files ({e})") from None
-        if fidx.ntotal != manifest["count"] or fidx.d != manifest["dim"] or len(ids) != manifest["count"]:
+        count = manifest["count"]
+        if fidx.ntotal != count or fidx.d != manifest["dim"] or ids.shape != (count,) or labels.shape != (count,):
             raise SnapshotError(f"snapshot {name!r}: files disagree with {MANIFEST} (count or dimension)")
+        if not (np.issubdtype(ids.dtype, np.integer) and np.issubdtype(labels.dtype, np.integer)):
+            raise SnapshotError(f"snapshot {name!r}: {IDS_FILE} and {LABELS_FILE} must hold integers")
         try:
             index = VectorIndex(fidx, ids.astype(np.int64), labels.astype(np.int64), get_distance(manifest["metric"]),
                                 IndexSpec.from_dict(manifest["index"]))
-        except (ValidationError, KeyError) as e:
+        except (ValidationError, KeyError, TypeError, ValueError) as e:
             raise SnapshotError(f"snapshot {name!r}: {e}") from None
-        return Snapshot(name, path, manifest, index)
+        return Snapshot(name, self.path_of(name), manifest, index)
 
     def _require_latest(self) -> str:
         name = self.latest_name()
@@ -358,16 +562,20 @@ class SnapshotStore:
 
     # ------------------------------------------------------------ retention
     def retain(self, keep: int | None = None) -> list[str]:
-        """Delete all but the newest ``keep`` snapshots (never the one ``LATEST`` names) and stale temp folders.
+        """Delete all but the newest ``keep`` snapshots and stale temp folders; returns the deleted names.
 
-        Returns the deleted names.
+        Never deleted: the one ``LATEST`` names, and the newest snapshot that verifies. A reader (an api on a
+        read-only mount) cannot tell the store which snapshot it serves, but it only ever serves one that
+        verified; if the newest ``keep`` all fail to verify (each rejected by the api, which keeps serving an
+        older one), that older one is the newest that verifies, and it stays, so a restarted api can load it.
         """
         keep = self.keep if keep is None else keep
         if keep < 1:
             raise ValidationError(f"keep must be at least 1, got {keep}")
         latest = self.latest_name()
         names = self.names()
-        doomed = [n for n in names[:-keep] if n != latest] if len(names) > keep else []
+        protected = {latest, self._newest_verifying(names)}
+        doomed = [n for n in names[:-keep] if n not in protected] if len(names) > keep else []
         for n in doomed:
             # Rename first so that a reader never sees a half-deleted snapshot under its real name.
             trash = self.root / f"{_TMP_PREFIX}del-{n}-{uuid.uuid4().hex}"
@@ -380,6 +588,16 @@ class SnapshotStore:
         if doomed:
             log.info("retention removed snapshots %s", doomed)
         return doomed
+
+    def _newest_verifying(self, names: list[str]) -> str | None:
+        """The newest of ``names`` (oldest first) that passes :meth:`verify` (usually the newest: one check)."""
+        for name in reversed(names):
+            try:
+                self.verify(name)
+                return name
+            except (SnapshotError, NotFoundError, ValidationError, OSError):
+                continue
+        return None
 
     def _clean_tmp(self, max_age_s: float) -> None:
         """Remove temp folders of publishers that died (older than ``max_age_s``)."""

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import copy
 import logging
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -73,8 +71,8 @@ class SnapshotPublisher:
         """Index ``embeddings`` (n, d) with ``labels`` (n,) and ids 0..n-1 and publish them with ``model.pt2``."""
         index = VectorIndex.build(embeddings, labels, np.arange(len(labels)), metric="cosine", index=self.cfg.index,
                                   seed=self.cfg.seed)
-        with tempfile.TemporaryDirectory(prefix="hardneg-export-") as tmp:
-            path = Path(tmp) / MODEL_FILE
+        with self.store.staging("export") as tmp:  # removed in finally; swept by retention if the process dies
+            path = tmp / MODEL_FILE
             # Exported on CPU: the api embeds on CPU, and export wants the example and weights on one device.
             exported = export_model(copy.deepcopy(model).cpu(), self.model_spec["input_shape"], path)
             name = self.store.publish(index, meta={"config": self.cfg.to_dict(), **meta}, model=self.model_spec,

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,9 @@ with warnings.catch_warnings():
     # Starlette asks for the httpx2 package, which hardneg does not depend on; the TestClient works as it is.
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
     from fastapi.testclient import TestClient  # noqa: F401 - re-exported for the test modules
+FUZZ_STATUSES: Counter[int] = Counter()  # status -> answers, filled by test_fuzz.py, printed by conftest.py
 API_KEY = "test-key-7f3a"
+STORE_KEY = "store-key-c41e"
 LIMITS = {"max_k": 50, "max_batch": 64, "max_body_bytes": 65536}
 INPUT_SHAPE = (2, 3)
 

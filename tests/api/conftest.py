@@ -3,6 +3,8 @@
 The store holds three snapshots whose geometry can be read: ``cos-1`` (cosine, flat), ``hnsw-1`` (l2, HNSW)
 and ``model-1`` (l2, flat, with an exported ``Linear`` model so raw ``inputs`` can be embedded), which
 ``LATEST`` names. Every search result is checked against brute force over the same stored vectors.
+The store is signed with ``STORE_KEY``: the uvicorn process verifies signatures (and so loads models), the
+in-process app trusts the store instead; tests/api/test_security.py covers the unsigned cases.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from api_support import (API_KEY, INPUT_SHAPE, LIMITS, ApiServer, ApiStore, Published, TestClient, embed, linear_model,
+from api_support import (API_KEY, FUZZ_STATUSES, INPUT_SHAPE, LIMITS, STORE_KEY, ApiServer, ApiStore, Published, TestClient, embed, linear_model,
                          wait_for)
 
 from hardneg.api.main import create_app
@@ -27,7 +29,7 @@ from hardneg.miner.store import SnapshotStore
 @pytest.fixture(scope="session")
 def api_store(tmp_path_factory: pytest.TempPathFactory, clusters) -> ApiStore:
     root = tmp_path_factory.mktemp("api-store")
-    store = SnapshotStore(root)
+    store = SnapshotStore(root, key=STORE_KEY)
     snaps: dict[str, Published] = {}
 
     cos = clusters(180, 8, 5, seed=11, label_offset=-2)  # negative labels too
@@ -68,7 +70,8 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
 @pytest.fixture(scope="session")
 def live_server(api_store: ApiStore, start_server) -> ApiServer:
     """A real uvicorn process on the test store, with an API key and the small test limits."""
-    env = {"HARDNEG_API_KEY": API_KEY, **{f"HARDNEG_{k.upper()}": str(v) for k, v in LIMITS.items()}}
+    env = {"HARDNEG_API_KEY": API_KEY, "HARDNEG_STORE_KEY": STORE_KEY,
+           **{f"HARDNEG_{k.upper()}": str(v) for k, v in LIMITS.items()}}
     server = start_server(api_store.root, env, "--poll-seconds", "0.1", "--lanes", "2")
     wait_for(lambda: httpx.get(f"{server.url}/readyz").status_code == 200, what="/readyz")
     return server
@@ -82,8 +85,8 @@ def http_client(live_server: ApiServer) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="session")
 def asgi_client(api_store: ApiStore) -> Iterator[TestClient]:
-    """The same app in-process (no API key), lifespan running."""
-    settings = Settings(store=api_store.root, poll_seconds=0.1, search_lanes=2, **LIMITS)
+    """The same app in-process (no API key, no store key but a trusted store), lifespan running."""
+    settings = Settings(store=api_store.root, poll_seconds=0.1, search_lanes=2, trust_store=True, **LIMITS)
     with TestClient(create_app(settings)) as c:
         yield c
 
@@ -92,3 +95,11 @@ def asgi_client(api_store: ApiStore) -> Iterator[TestClient]:
 def client(request: pytest.FixtureRequest) -> httpx.Client:
     """Each search test runs in-process and against the real uvicorn process."""
     return request.getfixturevalue(f"{request.param}_client")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """How many schema-fuzzing cases ran (tests/api/test_fuzz.py) and how many answered 5xx."""
+    if FUZZ_STATUSES:
+        fivexx = sum(n for status, n in FUZZ_STATUSES.items() if status >= 500)
+        terminalreporter.write_line(f"api fuzz: {sum(FUZZ_STATUSES.values())} cases against uvicorn, {fivexx} 5xx; "
+                                    f"by status {dict(sorted(FUZZ_STATUSES.items()))}")

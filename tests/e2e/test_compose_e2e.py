@@ -33,9 +33,10 @@ pytestmark = pytest.mark.slow
 
 KEY = "e2e-key-5b1c"
 # What a user would put in .env for a small, fast run: 4 epochs with a snapshot after each, an api that
-# looks for new snapshots often enough to see several of them, and an API key.
+# looks for new snapshots often enough to see several of them, an API key and a store key (the trainer signs,
+# the api verifies).
 VARIABLES = {"HARDNEG_EPOCHS": "4", "HARDNEG_REFRESH_EVERY": "1", "HARDNEG_POLL_SECONDS": "0.2",
-             "HARDNEG_API_KEY": KEY}
+             "HARDNEG_API_KEY": KEY, "HARDNEG_STORE_KEY": "e2e-store-key-90d2"}
 K = 7
 STOP_TIMEOUT_S = 10.0  # `docker stop` waits 10 s before it sends SIGKILL
 

@@ -26,7 +26,8 @@ from hardneg.trainer.config import TrainConfig
 ENV_EXAMPLE = REPO / ".env.example"
 DOCKER_COMPOSE = shutil.which("docker-compose")
 # Every variable set, none to its default (the port as a range, as the README suggests for replicas).
-OVERRIDES = {name: "8000-8002" if name == "HARDNEG_PORT" else f"x-{name.lower()}"
+_VALID = {"HARDNEG_PORT": "8000-8002", "HARDNEG_BIND": "0.0.0.0"}  # values docker compose parses itself
+OVERRIDES = {name: _VALID.get(name, f"x-{name.lower()}")
              for name in compose_variables(yaml.safe_load(COMPOSE_FILE.read_text()))}
 
 
@@ -64,11 +65,18 @@ def test_api_publishes_its_port_and_is_checked_on_readyz(services: dict) -> None
     api = services["api"]
     port = int(flag_value(api.command, "--port"))
     assert flag_value(api.command, "--host") == "0.0.0.0"  # reachable through the published port
-    assert api.ports == [("8000", port)] and services["trainer"].ports == []
+    assert api.ports == [("127.0.0.1:8000", port)] and services["trainer"].ports == []  # this host only by default
     check = api.healthcheck
     assert check["test"][:3] == ["CMD", "python", "-c"]
     assert re.search(rf"urlopen\('http://127\.0\.0\.1:{port}/readyz'", check["test"][3])
     assert {"interval", "timeout", "retries", "start_period"} <= set(check)
+
+
+def test_one_store_key_for_both_services(services: dict) -> None:
+    """The trainer signs with the key the api verifies with: one variable, passed to both."""
+    assert services["trainer"].environment["HARDNEG_STORE_KEY"] == services["api"].environment["HARDNEG_STORE_KEY"] == ""
+    set_key = load_compose({"HARDNEG_STORE_KEY": "k"})[0]
+    assert set_key["trainer"].environment["HARDNEG_STORE_KEY"] == set_key["api"].environment["HARDNEG_STORE_KEY"] == "k"
 
 
 def test_restart_policies(services: dict) -> None:
@@ -172,8 +180,17 @@ def test_docker_compose_accepts_the_file_and_interpolates_like_the_tests(variabl
         assert theirs[name]["restart"] == service.restart
         assert sorted(theirs[name]["volumes"]) == sorted(
             f"{m.volume}:{m.target}:{'ro' if m.read_only else 'rw'}" for m in service.mounts)
-        assert [(str(p["published"]), p["target"]) for p in theirs[name].get("ports", [])] == service.ports
+        assert [_port(p) for p in theirs[name].get("ports", [])] == service.ports
         assert theirs[name].get("healthcheck", {}).get("test") == (service.healthcheck or {}).get("test")
+
+
+def _port(entry: str | dict) -> tuple[str, int]:
+    """A port of ``docker-compose config`` as (published, target): a dict, or "IP:PUBLISHED:TARGET/tcp" (v1 with an IP)."""
+    if isinstance(entry, str):
+        published, _, target = entry.removesuffix("/tcp").rpartition(":")
+        return published, int(target)
+    published = str(entry["published"])
+    return (f"{entry['host_ip']}:{published}" if entry.get("host_ip") else published), entry["target"]
 
 
 def test_docker_compose_interpolates_each_form_like_the_tests(tmp_path: Path) -> None:

@@ -11,8 +11,9 @@ _WHY = {
          "not exactly one of vectors/ids/inputs, an empty or too large batch, inputs for a snapshot without a model",
     401: "HARDNEG_API_KEY is set and the request has no key or a wrong one",
     404: "an unknown item id or snapshot name",
-    409: "the pinned snapshot exists but fails verification (a corrupt file), so it is not served",
-    413: "the request body is larger than HARDNEG_MAX_BODY_BYTES",
+    409: "the pinned snapshot exists but fails verification (a corrupt file, a missing or wrong signature), "
+         "so it is not served",
+    413: "the request body is larger than HARDNEG_MAX_BODY_BYTES, or k x queries is larger than HARDNEG_MAX_RESULTS",
     503: "no snapshot has been loaded yet",
 }
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Query, Response
 from hardneg.api.deps import LanesDep, SettingsDep, StateDep
 from hardneg.api.routes.errors import error_responses
 from hardneg.api.routing import FastJSONRoute
-from hardneg.api.schemas import NeighborsRequest, NeighborsResponse, SearchOptions
+from hardneg.api.schemas import INT64_MAX, INT64_MIN, NeighborsRequest, NeighborsResponse, SearchOptions
 from hardneg.api.search import check_request, search_neighbors
 
 router = APIRouter(tags=["search"], responses=error_responses(400, 401, 404, 409, 413, 503),
@@ -27,7 +27,8 @@ async def post_neighbors(body: NeighborsRequest, settings: SettingsDep, state: S
 
 @router.get("/neighbors/{item_id}", response_model=NeighborsResponse, summary="Neighbours of one stored item")
 async def get_neighbors(
-    item_id: Annotated[int, Path(description="id of a stored item; it is never its own neighbour")],
+    item_id: Annotated[int, Path(ge=INT64_MIN, le=INT64_MAX,
+                                 description="id of a stored item (int64); it is never its own neighbour")],
     options: Annotated[SearchOptions, Query()],
     settings: SettingsDep,
     state: StateDep,
