@@ -40,7 +40,8 @@ from hardneg.miner.errors import ValidationError
 from hardneg.miner.store import SnapshotStore
 from hardneg.trainer import tuples as tp
 from hardneg.trainer.batching import (
-    BatchSampler, ConfusableClassBatches, RandomBatches, composition_stats, confusable_classes, make_batch_sampler,
+    BatchSampler, ConfusableClassBatches, RandomBatches, check_class_batches, composition_stats, confusable_classes,
+    make_batch_sampler,
 )
 from hardneg.trainer.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from hardneg.trainer.config import TrainConfig
@@ -299,6 +300,8 @@ class Trainer:
         self.batch_miner = make_inbatch_miner(cfg.inbatch_strategy, cfg.margin) if composes else None
         if cfg.mining == "global":
             mining_config(cfg)  # the miner validates its options now, before any training
+            if cfg.global_batches == "classes" and cfg.mode == "supervised":  # composed after the first refresh
+                check_class_batches(splits.train.y, cfg.batch_size, cfg.per_class)
 
     # ----------------------------------------------------------- building
     @classmethod
