@@ -322,15 +322,15 @@ class VectorIndex:
         rows = np.full((n, kk), -1, dtype=np.int64)
         dist = np.full((n, kk), np.inf, dtype=np.float32)
         if different_label:
-            groups, inverse = np.unique(qlab, return_inverse=True)
-            for g, label in enumerate(groups):
-                sel = np.flatnonzero(inverse == g)
-                lo, hi = self.class_rows(int(label))
-                mask = allowed
-                if hi > lo:
-                    mask = np.ones(self.count, bool) if allowed is None else allowed.copy()
-                    mask[lo:hi] = False
-                rows[sel], dist[sel] = self._search_masked(q[sel], kk, mask, params)
+            # One search per distinct query label, each blocking that label's row range: grouped by one sort,
+            # and without a per-label mask of every row unless other filters need one (O(m log m + n), not
+            # O(labels x (m + n)): a request may hold as many labels as queries, a mining pass every class).
+            order = np.argsort(qlab, kind="stable")
+            labels_sorted = qlab[order]
+            cuts = np.flatnonzero(np.diff(labels_sorted)) + 1
+            for sel in np.split(order, cuts):
+                lo, hi = self.class_rows(int(qlab[sel[0]]))
+                rows[sel], dist[sel] = self._search_masked(q[sel], kk, allowed, params, blocked=(lo, hi))
         else:
             rows[:], dist[:] = self._search_masked(q, kk, allowed, params)
         if self_rows is not None:
@@ -359,24 +359,35 @@ class VectorIndex:
             mask[ex_rows[ex_rows >= 0]] = False
         return mask
 
-    def _search_masked(self, q: np.ndarray, k: int, mask: np.ndarray | None,
-                       params: SearchParams | None) -> tuple[np.ndarray, np.ndarray]:
-        """Search (m, d) prepared queries among rows where ``mask`` holds; padded (m, k) rows and raw scores."""
+    def _search_masked(self, q: np.ndarray, k: int, mask: np.ndarray | None, params: SearchParams | None,
+                       blocked: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
+        """Search (m, d) prepared queries among rows where ``mask`` holds (every row when None) outside the row
+        range ``blocked`` = [lo, hi); padded (m, k) rows and raw scores."""
         m = q.shape[0]
-        if mask is not None and not mask.any():
+        lo, hi = blocked
+        if hi > lo and mask is not None:
+            mask = mask.copy()
+            mask[lo:hi] = False
+            lo = hi = 0
+        filtered = mask is not None or hi > lo
+        n_allowed = (self.count if mask is None else int(mask.sum())) - (hi - lo)
+        if filtered and n_allowed == 0:
             return np.full((m, k), -1, np.int64), np.full((m, k), np.inf, np.float32)
-        if self._xb is not None and mask is not None:
-            runs = _true_runs(mask)
+        if self._xb is not None and filtered:
+            runs = _true_runs(mask) if mask is not None else [r for r in ((0, lo), (hi, self.count)) if r[1] > r[0]]
             if len(runs) <= _MAX_RANGES:
                 return self._search_ranges(q, k, runs)
-        n_allowed = self.count if mask is None else int(mask.sum())
         bits = None if mask is None else np.packbits(mask, bitorder="little")  # must outlive the selector
-        sel = None if bits is None else faiss.IDSelectorBitmap(mask.size, faiss.swig_ptr(bits))
+        outside = faiss.IDSelectorRange(lo, hi) if hi > lo else None  # likewise
+        if bits is not None:
+            sel = faiss.IDSelectorBitmap(mask.size, faiss.swig_ptr(bits))
+        else:
+            sel = faiss.IDSelectorNot(outside) if outside is not None else None
         base = params or SearchParams()
         nprobe = base.nprobe or self.spec.nprobe
         ef = base.ef_search or self.spec.ef_search
         target = self.index
-        if mask is not None and not self.exact:
+        if filtered and not self.exact:
             target, nprobe, ef = self._widen_for_blocked(nprobe, ef, k, n_allowed)
         exact = self.exact or target is not self.index
         while True:
