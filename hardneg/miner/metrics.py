@@ -23,28 +23,8 @@ import numpy as np
 from hardneg.miner.errors import ValidationError
 from hardneg.miner.index import VectorIndex, check_int_array, check_vectors
 
-
-def relevance_matrix(embeddings: np.ndarray, labels: np.ndarray, k: int, metric: str = "cosine") -> np.ndarray:
-    """For each item, whether each of its ``k`` nearest *other* items shares its label.
-
-    Args:
-        embeddings: (n, d) vectors.
-        labels: (n,) integer labels.
-        k: neighbours per item (clipped to ``n - 1``).
-        metric: ``cosine`` or ``l2``.
-
-    Returns:
-        (n, k') bool matrix, nearest first, ``k' = min(k, n - 1)``.
-    """
-    n = len(embeddings)
-    ids = np.arange(n, dtype=np.int64)
-    index = VectorIndex.build(embeddings, labels, ids, metric=metric, index="flat")
-    k = min(k, n - 1)
-    result = index.search(embeddings, k, exclude_self=ids)
-    if not np.all(result.lengths == k):  # flat search over n-1 others always fills k
-        raise RuntimeError("exact search returned fewer neighbours than requested")
-    neighbour_labels = result.labels.reshape(n, k)
-    return neighbour_labels == np.asarray(labels)[:, None]
+# Relevance entries (queries x depth) per block of queries: 16 MiB of bools, whatever the largest class.
+_BLOCK_ENTRIES = 1 << 24
 
 
 def retrieval_metrics(
@@ -58,6 +38,9 @@ def retrieval_metrics(
 
     Returns a dict with ``precision_at_1``, ``recall_at_{k}`` for each k in ``ks``,
     ``r_precision``, ``map_at_r`` and ``num_queries`` (queries with ``R >= 1``).
+
+    Queries are searched in blocks of similar ``R`` (each to its block's depth), so memory stays bounded by
+    the block size rather than growing as n x the largest class.
     """
     embeddings = check_vectors(embeddings, "embeddings")
     labels = check_int_array(labels, "labels", len(embeddings))
@@ -67,19 +50,49 @@ def retrieval_metrics(
     r = counts[inverse] - 1  # (n,) other items of each query's class
     if r.max(initial=0) == 0:
         raise ValidationError("retrieval metrics need at least one class with two or more items")
-    depth = int(max(r.max(), max(ks, default=1)))
-    rel = relevance_matrix(embeddings, labels, depth, metric)  # (n, depth)
-    valid = r > 0
-    rel, r = rel[valid], r[valid]
-    n, width = rel.shape
+    n = len(embeddings)
+    ids = np.arange(n, dtype=np.int64)
+    index = VectorIndex.build(embeddings, labels, ids, metric=metric, index="flat")
+    sums = {"precision_at_1": 0.0, **{f"recall_at_{k}": 0.0 for k in ks}, "r_precision": 0.0, "map_at_r": 0.0}
+    queries = np.flatnonzero(r > 0)
+    queries = queries[np.argsort(r[queries], kind="stable")]  # blocks of similar depth
+    for block in _depth_blocks(r[queries], max(ks, default=1), n - 1):
+        q = queries[block]
+        depth = int(min(max(r[q].max(), max(ks, default=1)), n - 1))
+        result = index.search(embeddings[q], depth, exclude_self=q)
+        if not np.all(result.lengths == depth):  # flat search over n-1 others always fills depth
+            raise RuntimeError("exact search returned fewer neighbours than requested")
+        _add_block(sums, result.labels.reshape(len(q), depth) == labels[q][:, None], r[q], ks)
+    out: dict[str, float] = {key: value / len(queries) for key, value in sums.items()}
+    out["num_queries"] = int(len(queries))
+    return out
+
+
+def _depth_blocks(r_sorted: np.ndarray, min_depth: int, max_depth: int) -> list[slice]:
+    """Slices of queries sorted by ascending ``R`` (m,) whose (queries x depth) relevance blocks hold at most
+    ``_BLOCK_ENTRIES`` entries (one query per block at least): memory O(block), not O(n · largest R)."""
+    blocks, s, m = [], 0, len(r_sorted)
+    while s < m:
+        e = m
+        while True:
+            depth = min(max(int(r_sorted[e - 1]), min_depth), max_depth)
+            if (e - s) * depth <= _BLOCK_ENTRIES or e - s == 1:
+                break
+            e = s + max(1, _BLOCK_ENTRIES // depth)
+        blocks.append(slice(s, e))
+        s = e
+    return blocks
+
+
+def _add_block(sums: dict[str, float], rel: np.ndarray, r: np.ndarray, ks: Sequence[int]) -> None:
+    """Add the per-query metrics of one block to ``sums``: ``rel`` (b, depth) relevance, ``r`` (b,) R >= 1."""
+    width = rel.shape[1]
     ranks = np.arange(1, width + 1)
-    within_r = ranks[None, :] <= r[:, None]  # (n, width): the first R positions of each query
+    within_r = ranks[None, :] <= r[:, None]  # (b, width): the first R positions of each query
     hits_r = rel & within_r
     precision_at_i = np.cumsum(hits_r, axis=1) / ranks[None, :]
-    out: dict[str, float] = {"precision_at_1": float(rel[:, 0].mean())}
+    sums["precision_at_1"] += float(rel[:, 0].sum())
     for k in ks:
-        out[f"recall_at_{k}"] = float(rel[:, : min(k, width)].any(axis=1).mean())
-    out["r_precision"] = float((hits_r.sum(1) / r).mean())
-    out["map_at_r"] = float(((precision_at_i * hits_r).sum(1) / r).mean())
-    out["num_queries"] = int(n)
-    return out
+        sums[f"recall_at_{k}"] += float(rel[:, : min(k, width)].any(axis=1).sum())
+    sums["r_precision"] += float((hits_r.sum(1) / r).sum())
+    sums["map_at_r"] += float(((precision_at_i * hits_r).sum(1) / r).sum())

@@ -85,3 +85,18 @@ def test_rejects_bad_input() -> None:
         retrieval_metrics(np.eye(3), np.array([0, 0, 1]), ks=(0,))
     with pytest.raises(ValidationError, match="labels has 2 entries"):
         retrieval_metrics(np.eye(3), np.array([0, 0]))
+
+
+def test_blocks_of_queries_by_depth_give_the_same_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queries searched in many small blocks (one large class, many small ones) score as the literal loop does."""
+    import hardneg.miner.metrics as metrics
+
+    rng = np.random.default_rng(3)
+    y = np.concatenate([np.zeros(60, np.int64), np.repeat(np.arange(1, 31), 2), [99]])  # R = 59, 1 and 0
+    x = rng.normal(size=(len(y), 6)) + 0.8 * rng.normal(size=(100, 6))[y]
+    monkeypatch.setattr(metrics, "_BLOCK_ENTRIES", 100)  # blocks of <= 100 entries: one query of depth 59 each
+    got = metrics.retrieval_metrics(x, y, ks=(1, 4))
+    ref = _reference(x, y, (1, 4))
+    assert got["num_queries"] == len(y) - 1
+    for key, value in ref.items():
+        assert got[key] == pytest.approx(value, abs=1e-9), key
