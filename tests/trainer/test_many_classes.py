@@ -63,10 +63,12 @@ def test_one_epoch_and_one_refresh_of_global_mining_fit_a_bound_from_n_c_d(tmp_p
 
 
 def test_class_batches_that_repeat_every_class_are_refused_before_training(tmp_path: Path) -> None:
-    """Classes of 2-3 items cannot fill K = 4 distinct items: refused when the run starts, not in an epoch."""
+    """Classes of 2-3 items cannot fill K = 4 distinct items: refused when the run starts, not after the first
+    refresh composes class batches (random warm-up batches alone would not have checked K)."""
     train, evaluation, _ = write_data(tmp_path, 50)
     cmd = [sys.executable, "-m", "hardneg.cli", "train", "--data", f"npz:{train}", "--eval-data", f"npz:{evaluation}",
-           "--per-class", "4", "--store", str(tmp_path / "store"), "--run-dir", str(tmp_path / "run")]
+           "--batching", "random", "--per-class", "4", "--store", str(tmp_path / "store"),
+           "--run-dir", str(tmp_path / "run")]
     run = run_child(cmd, ceiling_mib=4096, timeout=120, env=ENV, cwd=tmp_path)
     assert run.returncode != 0
     assert "per_class (4) is larger than every class (the largest holds 3 items)" in run.output
@@ -132,3 +134,24 @@ def test_pk_classes_are_uniform_over_many_classes() -> None:
     groups = ClassGroups.of(y)
     items = groups.draw(chosen[0], 2, np.random.default_rng(2))
     assert (y[items] == groups.classes[chosen[0]][:, None]).all() and (items[:, 0] != items[:, 1]).all()
+
+
+def test_confusable_classes_beyond_exact_classes_are_mostly_the_exact_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above EXACT_CLASSES the IVF search finds most of the exact nearest classes (brute force over centroids)."""
+    import hardneg.trainer.batching as batching
+
+    x, y = many_small_classes(2000, 8, seed=6)
+    exact = confusable_classes(x, y, 8)
+    monkeypatch.setattr(batching, "EXACT_CLASSES", 1000)
+    approx = confusable_classes(x, y, 8)
+    assert approx.shape == exact.shape == (2000, 8)
+    assert (approx[:, 0] == np.arange(2000)).all()  # each row: the class itself, then 7 others
+    assert all(len(set(r)) == 8 for r in approx.tolist())
+    cent = np.stack([x[y == c].mean(0) for c in range(2000)]).astype(np.float64)
+    sq = (cent * cent).sum(1)
+    d2 = sq[:, None] + sq[None, :] - 2.0 * cent @ cent.T
+    np.fill_diagonal(d2, np.inf)
+    brute = np.argsort(d2, axis=1, kind="stable")[:, :7]
+    assert all(set(r[1:]) == set(b) for r, b in zip(exact.tolist(), brute.tolist()))  # flat: exact (no ties here)
+    recall = np.mean([len(set(a[1:]) & set(b)) / 7 for a, b in zip(approx.tolist(), brute.tolist())])
+    assert recall > 0.8, recall
