@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from hardneg.miner.errors import ValidationError
 from hardneg.miner.index import VectorIndex
-from hardneg.miner.mining.guards import Guard, NearDuplicateGuard, apply_guards
+from hardneg.miner.mining.guards import Candidates, Guard, MaxScoreGuard, NearDuplicateGuard, apply_guards
 from hardneg.miner.mining.search import padded
 from hardneg.trainer.augment import AugmentConfig, augment
 from hardneg.trainer.config import TrainConfig
@@ -102,14 +102,10 @@ class NegativeMining:
 
 
 @dataclass(frozen=True)
-class SimilarityCeilingGuard(Guard):
-    """Drop candidates whose cosine similarity to the image, ``1 - d²/2``, exceeds ``ceiling``."""
+class SimilarityCeilingGuard(MaxScoreGuard):
+    """Drop candidates whose cosine similarity to the image, ``1 - d²/2``, exceeds the ceiling."""
 
-    ceiling: float
     name: ClassVar[str] = "max_similarity"
-
-    def drops(self, d2: np.ndarray, d2_pos: np.ndarray) -> np.ndarray:
-        return (1.0 - d2 / 2.0) > self.ceiling
 
 
 @dataclass(frozen=True)
@@ -150,8 +146,8 @@ def mine_negatives(vectors: np.ndarray, mining: NegativeMining, index: str = "fl
     if mining.near_duplicate is not None:
         guards.append(NearDuplicateGuard(mining.near_duplicate))
     if mining.max_similarity is not None:
-        guards.append(SimilarityCeilingGuard(mining.max_similarity))
-    keep, dropped = apply_guards(guards, d2, valid, np.zeros(n, np.float32))
+        guards.append(SimilarityCeilingGuard(mining.max_similarity, "cosine"))
+    keep, dropped = apply_guards(guards, Candidates(d2, rows, np.zeros(n, np.float32), np.arange(n)), valid)
     table = np.full((n, mining.candidates), -1, np.int64)
     # Kept candidates move left in their order (nearest first); a stable sort on "not kept" does that.
     order = np.argsort(~keep, axis=1, kind="stable")

@@ -12,6 +12,7 @@ from hardneg.miner.errors import ValidationError
 STRATEGIES = ("hardest", "semihard", "window", "distance-weighted")
 POSITIVES = ("random", "hardest")
 SEMIHARD_FALLBACKS = ("hardest", "skip")
+WINDOW_SAMPLINGS = ("random", "top")
 
 
 @dataclass
@@ -28,10 +29,16 @@ class MiningConfig:
     semihard_fallback: str = "hardest"  # hardest | skip, for an anchor with no semi-hard negative
     window_skip: int = 0  # window: skip the nearest `skip` admissible wrong-label neighbours
     window_width: int = 32  # window: sample from the next `width` (sentence-transformers' range_max - range_min)
+    window_sampling: str = "random"  # window: random | top (the nearest per_anchor of the window; ST's "top")
     dw_cutoff: float = 0.5  # distance-weighted: Wu et al.'s lower clip on Euclidean d (not d²)
     dw_nonzero_loss_cutoff: float = 1.4  # distance-weighted: weight 0 at d >= this (Wu et al.'s beta + alpha)
     positive_aware: float | None = None  # TopK-PercPos: drop negatives with s_n > this * s_p (NV-Retriever uses 0.95)
     near_duplicate: float | None = None  # drop negatives with d² below this (near-duplicates of the anchor)
+    # Score guards, sentence-transformers' rules on the similarity s (cosine: 1 - d²/2; l2: -d²) against the
+    # positive's (the hardest positive's when there are several):
+    absolute_margin: float | None = None  # drop s_n > s_p - margin
+    relative_margin: float | None = None  # drop s_n > s_p - |s_p| * margin (NV-Retriever's TopK-PercPos at 0.05)
+    max_score: float | None = None  # drop s_n > max_score
     candidates: int = 64  # wrong-label neighbours fetched per anchor before guards; doubled for short anchors
     seed: int = 0
 
@@ -39,6 +46,7 @@ class MiningConfig:
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("positive", self.positive, POSITIVES)
         _choice("semihard_fallback", self.semihard_fallback, SEMIHARD_FALLBACKS)
+        _choice("window_sampling", self.window_sampling, WINDOW_SAMPLINGS)
         self.per_anchor = _integer("per_anchor", self.per_anchor, minimum=1)
         self.window_skip = _integer("window_skip", self.window_skip, minimum=0)
         self.window_width = _integer("window_width", self.window_width, minimum=1)
@@ -56,6 +64,14 @@ class MiningConfig:
         if self.near_duplicate is not None:
             self.near_duplicate = _number("near_duplicate", self.near_duplicate, "None or a finite number >= 0",
                                           lambda v: v >= 0)
+        if self.absolute_margin is not None:
+            self.absolute_margin = _number("absolute_margin", self.absolute_margin, "None or a finite number",
+                                           lambda v: True)
+        if self.relative_margin is not None:
+            self.relative_margin = _number("relative_margin", self.relative_margin, "None or a number in [0, 1)",
+                                           lambda v: 0 <= v < 1)
+        if self.max_score is not None:
+            self.max_score = _number("max_score", self.max_score, "None or a finite number", lambda v: True)
         if self.strategy == "window" and self.window_width < self.per_anchor:
             raise ValidationError(f"window_width ({self.window_width}) must be at least per_anchor ({self.per_anchor}): "
                                   "the window strategy samples per_anchor negatives without replacement from it")
@@ -63,7 +79,14 @@ class MiningConfig:
     @property
     def guarded(self) -> bool:
         """True when a false-negative guard is on (so candidates may be dropped before selection)."""
-        return self.positive_aware is not None or self.near_duplicate is not None
+        return any(v is not None for v in (self.positive_aware, self.near_duplicate, self.absolute_margin,
+                                           self.relative_margin, self.max_score))
+
+    @property
+    def needs_positive(self) -> bool:
+        """True when mining depends on ``d²(a, p)``: semi-hard negatives or a guard relative to the positive."""
+        return self.strategy == "semihard" or any(
+            v is not None for v in (self.positive_aware, self.absolute_margin, self.relative_margin))
 
     def to_dict(self) -> dict:
         return asdict(self)

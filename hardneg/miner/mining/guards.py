@@ -1,9 +1,12 @@
-"""False-negative guards: drop wrong-label candidates that are likely unlabelled positives.
+"""False-negative guards: drop candidates that are likely unlabelled positives.
 
-Each guard looks at the squared distances ``d2`` (m, K) of the candidates of ``m`` anchors and the
-``d2_pos`` (m,) of their positives, and says which candidates it drops. The miner applies them in the
-order of :func:`build_guards` and reports how many candidates each one dropped (a candidate dropped by
-an earlier guard is not counted again by a later one).
+Each guard looks at the candidates of ``m`` anchors (a :class:`Candidates`: their squared distances
+``d2`` (m, K), index rows and the anchors' ``d2_pos`` (m,)) and says which ones it drops. The miner applies
+them in the order of :func:`build_guards` and reports how many candidates each one dropped (a candidate
+dropped by an earlier guard is not counted again by a later one, nor shown to it).
+
+Score guards follow sentence-transformers' ``mine_hard_negatives`` on the similarity ``s`` of the metric
+(:func:`similarity`): cosine ``s = 1 - d²/2`` (the cosine itself), l2 ``s = -d²``.
 """
 
 from __future__ import annotations
@@ -17,14 +20,31 @@ import numpy as np
 from hardneg.miner.mining.config import MiningConfig
 
 
+def similarity(d2: np.ndarray, metric: str) -> np.ndarray:
+    """The similarity score of squared distances ``d2`` (any shape): ``1 - d²/2`` for cosine, ``-d²`` for l2."""
+    return 1.0 - d2 / 2.0 if metric == "cosine" else -d2
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """What a guard sees: ``d2`` (m, K) and ``rows`` (m, K) of the candidates (``-1`` padding), the anchors'
+    ``d2_pos`` (m,) (NaN: no positive) and ``anchors`` (m,), their positions in the mining pass."""
+
+    d2: np.ndarray
+    rows: np.ndarray
+    d2_pos: np.ndarray
+    anchors: np.ndarray
+
+
 class Guard(ABC):
     """A rule that drops candidates; ``name`` keys its count in the mining statistics."""
 
     name: ClassVar[str]
 
     @abstractmethod
-    def drops(self, d2: np.ndarray, d2_pos: np.ndarray) -> np.ndarray:
-        """(m, K) bool: the candidates with squared distances ``d2`` (m, K) that this guard drops."""
+    def drops(self, c: Candidates, alive: np.ndarray) -> np.ndarray:
+        """(m, K) bool: the candidates that this guard drops; only the ``alive`` (m, K) ones are counted, so a
+        costly guard may look at those alone."""
 
 
 @dataclass(frozen=True)
@@ -34,8 +54,8 @@ class NearDuplicateGuard(Guard):
     threshold: float
     name: ClassVar[str] = "near_duplicate"
 
-    def drops(self, d2: np.ndarray, d2_pos: np.ndarray) -> np.ndarray:
-        return d2 < self.threshold
+    def drops(self, c: Candidates, alive: np.ndarray) -> np.ndarray:
+        return c.d2 < self.threshold
 
 
 @dataclass(frozen=True)
@@ -51,25 +71,70 @@ class PositiveAwareGuard(Guard):
     cosine: bool
     name: ClassVar[str] = "positive_aware"
 
-    def drops(self, d2: np.ndarray, d2_pos: np.ndarray) -> np.ndarray:
+    def drops(self, c: Candidates, alive: np.ndarray) -> np.ndarray:
         if self.cosine:
-            return (1.0 - d2 / 2.0) > self.fraction * (1.0 - d2_pos[:, None] / 2.0)
-        return d2 < d2_pos[:, None] / self.fraction
+            return (1.0 - c.d2 / 2.0) > self.fraction * (1.0 - c.d2_pos[:, None] / 2.0)
+        return c.d2 < c.d2_pos[:, None] / self.fraction
+
+
+@dataclass(frozen=True)
+class AbsoluteMarginGuard(Guard):
+    """sentence-transformers' ``absolute_margin``: drop ``s_n > s_p - margin`` (``margin = 0``: a negative must
+    not score above the positive)."""
+
+    margin: float
+    metric: str
+    name: ClassVar[str] = "absolute_margin"
+
+    def drops(self, c: Candidates, alive: np.ndarray) -> np.ndarray:
+        s_p = similarity(c.d2_pos, self.metric)[:, None]
+        return similarity(c.d2, self.metric) > s_p - self.margin
+
+
+@dataclass(frozen=True)
+class RelativeMarginGuard(Guard):
+    """sentence-transformers' ``relative_margin`` (NV-Retriever's TopK-PercPos): drop ``s_n > s_p - |s_p| * margin``;
+    0.05 keeps a negative only when it scores at least 5 % of the positive's magnitude below it."""
+
+    margin: float
+    metric: str
+    name: ClassVar[str] = "relative_margin"
+
+    def drops(self, c: Candidates, alive: np.ndarray) -> np.ndarray:
+        s_p = similarity(c.d2_pos, self.metric)[:, None]
+        return similarity(c.d2, self.metric) > s_p - np.abs(s_p) * self.margin
+
+
+@dataclass(frozen=True)
+class MaxScoreGuard(Guard):
+    """sentence-transformers' ``max_score``: drop candidates scoring above ``threshold``."""
+
+    threshold: float
+    metric: str
+    name: ClassVar[str] = "max_score"
+
+    def drops(self, c: Candidates, alive: np.ndarray) -> np.ndarray:
+        return similarity(c.d2, self.metric) > self.threshold
 
 
 def build_guards(config: MiningConfig, metric: str) -> list[Guard]:
-    """The guards ``config`` switches on, in the order they are applied."""
+    """The guards ``config`` switches on, in the order they are applied (sentence-transformers' order for its own)."""
     guards: list[Guard] = []
     if config.near_duplicate is not None:
         guards.append(NearDuplicateGuard(config.near_duplicate))
     if config.positive_aware is not None:
         guards.append(PositiveAwareGuard(config.positive_aware, cosine=metric == "cosine"))
+    if config.absolute_margin is not None:
+        guards.append(AbsoluteMarginGuard(config.absolute_margin, metric))
+    if config.relative_margin is not None:
+        guards.append(RelativeMarginGuard(config.relative_margin, metric))
+    if config.max_score is not None:
+        guards.append(MaxScoreGuard(config.max_score, metric))
     return guards
 
 
-def apply_guards(guards: list[Guard], d2: np.ndarray, valid: np.ndarray,
-                 d2_pos: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Run ``guards`` over the ``valid`` (m, K) candidates with squared distances ``d2`` (m, K).
+def apply_guards(guards: list[Guard], c: Candidates, valid: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Run ``guards`` over the ``valid`` (m, K) candidates ``c``.
 
     Returns:
         ``keep`` (m, K) bool, and for each guard's name the (m,) count of candidates it dropped per anchor.
@@ -77,7 +142,7 @@ def apply_guards(guards: list[Guard], d2: np.ndarray, valid: np.ndarray,
     keep = valid.copy()
     dropped: dict[str, np.ndarray] = {}
     for guard in guards:
-        hit = keep & guard.drops(d2, d2_pos)
+        hit = keep & guard.drops(c, keep)
         dropped[guard.name] = hit.sum(1)
         keep &= ~hit
     return keep, dropped

@@ -7,7 +7,8 @@ One pass goes:
 2. a batched wrong-label search for every anchor at once (:mod:`hardneg.miner.mining.search`: exact on
    flat indexes, on FAISS's BLAS path; approximate indexes through their own search path);
 3. the guards drop candidates, the strategy says which anchors need a deeper pool, and only those are
-   searched again with twice the width, until satisfied or their class complement is exhausted;
+   searched again with twice the width, until satisfied or their class complement is exhausted (the loop
+   of :mod:`hardneg.miner.mining.core`, shared with query mode);
 4. the strategy picks negatives; triplets and pairs are assembled with numpy, and statistics computed.
 """
 
@@ -15,16 +16,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
-
 import numpy as np
 
 from hardneg.miner.errors import ValidationError
 from hardneg.miner.index import SearchParams, VectorIndex, check_int_array
-from hardneg.miner.mining.base import CandidatePool, NegativeStrategy
+from hardneg.miner.mining.base import NegativeStrategy
 from hardneg.miner.mining.config import MiningConfig
 from hardneg.miner.mining.distance_weighted import DistanceWeightedNegatives
-from hardneg.miner.mining.guards import Guard, apply_guards, build_guards
+from hardneg.miner.mining.core import mine_negatives
+from hardneg.miner.mining.guards import build_guards
 from hardneg.miner.mining.hardest import HardestNegatives
 from hardneg.miner.mining.positives import Positives, choose_positives, class_bounds
 from hardneg.miner.mining.result import MiningResult
@@ -70,8 +70,7 @@ def mine(index: VectorIndex, config: MiningConfig, anchors: np.ndarray | None = 
     strategy = STRATEGIES[config.strategy](config, vectors, index.metric)
     positives = choose_positives(config.positive, vectors, index.labels, anchor_rows, index.distance, rng)
     stats = MiningStats(config.strategy, index.metric, config.margin, config.per_anchor, anchors=len(anchor_rows))
-    negatives = _mine_negatives(index, vectors, anchor_rows, positives, strategy,
-                                build_guards(config, index.metric), params, rng, stats)
+    negatives = _mine_negatives(index, vectors, anchor_rows, positives, strategy, config, params, rng, stats)
     result = _assemble(index, vectors, anchor_rows, positives, negatives, stats)
     log.info("%s in %.2fs", stats.summary(), time.perf_counter() - started)
     return result
@@ -84,60 +83,21 @@ def stored_vectors(index: VectorIndex) -> np.ndarray:
     return index.index.reconstruct_n(0, index.count)
 
 
-def _pool(rows: np.ndarray, d2: np.ndarray, keep: np.ndarray, d2_pos: np.ndarray,
-          reach: np.ndarray) -> CandidatePool:
-    """Move the kept candidates left (their order is kept, so they stay nearest first)."""
-    order = np.argsort(~keep, axis=1, kind="stable")
-    count = keep.sum(1)
-    inside = np.arange(rows.shape[1])[None, :] < count[:, None]
-    rows = np.where(inside, np.take_along_axis(rows, order, 1), -1)
-    d2 = np.where(inside, np.take_along_axis(d2, order, 1), np.inf).astype(np.float32)
-    return CandidatePool(rows, d2, count, d2_pos, reach)
-
-
 def _mine_negatives(index: VectorIndex, vectors: np.ndarray, anchor_rows: np.ndarray, positives: Positives,
-                    strategy: NegativeStrategy, guards: list[Guard], params: SearchParams | None,
+                    strategy: NegativeStrategy, config: MiningConfig, params: SearchParams | None,
                     rng: np.random.Generator, stats: MiningStats) -> np.ndarray:
     """Negatives (m, per_anchor) int64 rows, ``-1``-padded; fills the search, guard and strategy counters."""
-    m, p = len(anchor_rows), strategy.config.per_anchor
-    negatives = np.full((m, p), -1, np.int64)
     lo, hi = class_bounds(index.labels, anchor_rows)
-    complement = index.count - (hi - lo)
-    pending = np.flatnonzero((positives.rows >= 0) & (complement > 0))
-    stats.anchors_singleton = int((positives.rows < 0).sum())
-    dropped = {g.name: 0 for g in guards}
-    counters: Counter[str] = Counter()
-    k = strategy.initial_width()
-    while pending.size:
-        k_eff = int(min(k, complement[pending].max()))
-        rows, d2, got = wrong_label_knn(index, vectors, anchor_rows[pending], k_eff, params)
-        stats.search_rounds += 1
-        d2_pos = positives.d2[pending]
-        # Exhausted: every wrong-label item the index can return has been seen (on approximate indexes,
-        # a search that returns fewer than asked after its own widening counts as exhausted).
-        exhausted = (got < k_eff) | (got >= complement[pending])
-        reach = np.where(exhausted, np.inf, d2[:, k_eff - 1])
-        if guards:
-            keep, guard_drops = apply_guards(guards, d2, rows >= 0, d2_pos)
-            pool = _pool(rows, d2, keep, d2_pos, reach)
-        else:
-            guard_drops = {}
-            pool = CandidatePool(rows, d2, got, d2_pos, reach)
-        more = strategy.wants_more(pool) & ~exhausted
-        done = ~more
-        sel = strategy.select(pool.subset(done), rng)
-        negatives[pending[done]] = sel.rows
-        counters.update(sel.counters)
-        for name, per_anchor in guard_drops.items():
-            dropped[name] += int(per_anchor[done].sum())
-        stats.candidates_examined += int(got[done].sum())
-        stats.anchors_widened += int(more.sum()) if stats.search_rounds == 1 else 0
-        pending = pending[more]
-        k *= 2
-    stats.guard_dropped = dropped
-    stats.semihard_fallback_used = counters["semihard_fallback_used"]
-    stats.semihard_skipped = counters["semihard_skipped"]
+
+    def search(pos: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        rows, d2, _ = wrong_label_knn(index, vectors, anchor_rows[pos], k, params)
+        return rows, d2
+
     has_pos = positives.rows >= 0
+    stats.anchors_singleton = int((~has_pos).sum())
+    negatives = mine_negatives(search, np.flatnonzero(has_pos), index.count - (hi - lo), positives.d2, strategy,
+                               build_guards(config, index.metric), rng, stats, len(anchor_rows))
+    p = config.per_anchor
     stats.anchors_short = int((has_pos & ((negatives >= 0).sum(1) < p)).sum()) - stats.semihard_skipped
     return negatives
 

@@ -9,7 +9,8 @@ from hardneg.miner.mining.base import CandidatePool, NegativeStrategy, Selection
 
 class WindowNegatives(NegativeStrategy):
     """Skip the ``window_skip`` nearest admissible wrong-label neighbours, then sample ``per_anchor`` of the next
-    ``window_width`` uniformly without replacement.
+    ``window_width`` uniformly without replacement (``window_sampling="random"``), or take the nearest
+    ``per_anchor`` of them (``window_sampling="top"``, sentence-transformers' ``sampling_strategy="top"``).
 
     The nearest wrong-label items are the likeliest to be unlabelled positives; sampling from a window of
     ranks below them is sentence-transformers' ``mine_hard_negatives(range_min, range_max)`` and
@@ -20,13 +21,17 @@ class WindowNegatives(NegativeStrategy):
     name = "window"
 
     def pool_size(self) -> int:
-        return self.config.window_skip + self.config.window_width
+        top = self.config.window_sampling == "top"
+        return self.config.window_skip + (self.config.per_anchor if top else self.config.window_width)
 
     def wants_more(self, pool: CandidatePool) -> np.ndarray:
         return pool.count < self.pool_size()
 
     def _select(self, pool: CandidatePool, rng: np.random.Generator) -> Selection:
         skip, width = self.config.window_skip, self.config.window_width
+        if self.config.window_sampling == "top":
+            cols = skip + np.arange(self.config.per_anchor)
+            return Selection(pool.take(np.where(cols[None, :] < pool.count[:, None], cols[None, :], -1)))
         cols = skip + np.arange(width)
         inside = cols[None, :] < pool.count[:, None]
         # The p smallest of i.i.d. uniform keys form a uniform p-subset of the window.
