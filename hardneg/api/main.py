@@ -23,7 +23,7 @@ from hardneg.api.deps import require_api_key
 from hardneg.api.limits import ApiKeyMiddleware, BodyLimitMiddleware, TooManyResultsError
 from hardneg.api.metrics import ApiMetrics, MetricsMiddleware
 from hardneg.api.reloader import Reloader
-from hardneg.api.routes import health, neighbors, snapshot
+from hardneg.api.routes import health, mine, neighbors, snapshot
 from hardneg.api.routes import metrics as metrics_route
 from hardneg.api.search import SearchLanes
 from hardneg.api.settings import Settings
@@ -78,7 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     protected = [Depends(require_api_key)]
     routers = [(health.router, []), (neighbors.router, protected), (snapshot.router, protected),
-               (metrics_route.router, [] if settings.metrics_open else protected)]
+               (metrics_route.router, [] if settings.metrics_open else protected), (mine.router, protected)]
     for router, dependencies in routers:
         app.include_router(router, dependencies=dependencies)
 

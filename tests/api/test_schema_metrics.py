@@ -13,12 +13,13 @@ from hardneg.api.settings import Settings
 
 ROUTES = {
     ("post", "/neighbors"): "NeighborsResponse",
+    ("post", "/mine"): "MineResponse",
     ("get", "/neighbors/{item_id}"): "NeighborsResponse",
     ("get", "/snapshot"): "SnapshotManifest",
     ("get", "/healthz"): "HealthResponse",
     ("get", "/readyz"): "ReadyResponse",
 }
-PROTECTED = {("post", "/neighbors"), ("get", "/neighbors/{item_id}"), ("get", "/snapshot"), ("get", "/metrics")}
+PROTECTED = {("post", "/neighbors"), ("post", "/mine"), ("get", "/neighbors/{item_id}"), ("get", "/snapshot"), ("get", "/metrics")}
 
 
 def test_openapi_lists_every_route_with_its_models(asgi_client) -> None:
@@ -43,7 +44,7 @@ def test_openapi_lists_every_route_with_its_models(asgi_client) -> None:
     assert query == {"item_id", "k", "different_label", "label_in", "label_not_in", "exclude_ids", "snapshot",
                      "nprobe", "ef_search"}
 
-    for method, path in (("post", "/neighbors"), ("get", "/neighbors/{item_id}")):
+    for method, path in (("post", "/neighbors"), ("get", "/neighbors/{item_id}"), ("post", "/mine")):
         responses = paths[path][method]["responses"]
         for code in ("400", "401", "404", "409", "413", "503"):
             assert responses[code]["content"]["application/json"]["schema"] == {

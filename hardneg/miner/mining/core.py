@@ -2,7 +2,7 @@
 
 Both modes reduce to the same loop: for each anchor a search returns its nearest *admissible* items
 (another label, or not one of its positives), the guards drop likely false negatives, the strategy
-says which anchors need a deeper pool, and only those are searched again with twice the width, until
+says which anchors need a deeper pool, and only those are searched again with a wider width, until
 satisfied or every admissible item has been seen; then the strategy picks the negatives.
 """
 
@@ -34,7 +34,7 @@ def make_pool(rows: np.ndarray, d2: np.ndarray, keep: np.ndarray, d2_pos: np.nda
 
 def mine_negatives(search: CandidateSearch, pending: np.ndarray, admissible: np.ndarray, d2_pos: np.ndarray,
                    strategy: NegativeStrategy, guards: list[Guard], rng: np.random.Generator,
-                   stats: MiningStats, m: int) -> np.ndarray:
+                   stats: MiningStats, m: int, growth: int = 2) -> np.ndarray:
     """Negatives of ``m`` anchors: (m, per_anchor) int64 rows, ``-1``-padded.
 
     Args:
@@ -44,6 +44,8 @@ def mine_negatives(search: CandidateSearch, pending: np.ndarray, admissible: np.
         d2_pos: (m,) ``d²(a, p)`` each (NaN where there is no positive).
         strategy, guards, rng: what to pick and drop.
         stats: filled with the search, guard and strategy counters.
+        m: anchors in the pass.
+        growth: how much wider each new search round is.
     """
     p = strategy.config.per_anchor
     negatives = np.full((m, p), -1, np.int64)
@@ -76,7 +78,7 @@ def mine_negatives(search: CandidateSearch, pending: np.ndarray, admissible: np.
         stats.candidates_examined += int(got[done].sum())
         stats.anchors_widened += int(more.sum()) if stats.search_rounds == 1 else 0
         pending = pending[more]
-        k *= 2
+        k *= growth
     stats.guard_dropped = dropped
     stats.semihard_fallback_used = counters["semihard_fallback_used"]
     stats.semihard_skipped = counters["semihard_skipped"]

@@ -129,4 +129,5 @@ def _assemble(index: VectorIndex, vectors: np.ndarray, anchor_rows: np.ndarray, 
     stats.summarise_distances(positives.d2[mined], positives.d2[t_anchor], d2_neg)
     return MiningResult(
         anchor=ids[anchor_rows[t_anchor]], positive=ids[positives.rows[t_anchor]], negative=ids[t_neg],
-        pair_i=ids[anchor_rows[p_anchor[p_order]]], pair_j=ids[p_other[p_order]], pair_y=p_y[p_order], stats=stats)
+        pair_i=ids[anchor_rows[p_anchor[p_order]]], pair_j=ids[p_other[p_order]], pair_y=p_y[p_order], stats=stats,
+        anchor_pos=t_anchor)

@@ -28,6 +28,7 @@ class MiningResult:
     pair_j: np.ndarray
     pair_y: np.ndarray
     stats: MiningStats
+    anchor_pos: np.ndarray | None = None  # (t,) position in the anchors asked of each triplet's anchor
 
     def __len__(self) -> int:
         """Number of triplets."""
