@@ -188,3 +188,21 @@ def test_client_waits_for_the_first_snapshot(tmp_path, start_server, clusters) -
         res = c.mine(ids=data.ids[:2].tolist(), num_negatives=2)
     t.join()
     assert res["snapshot"] == "first" and all(len(r["negatives"]) == 2 for r in res["results"])
+
+
+def test_pml_adapter_over_the_service_equals_the_local_one(hn: Client, api_store: ApiStore) -> None:
+    """SnapshotMiner through the client mines what it mines on the same snapshot opened locally."""
+    import torch
+
+    from hardneg.integrations.pml import SnapshotMiner
+
+    p = api_store.snapshots["cos-1"]
+    q, labels = p.near(8, seed=25)
+    emb, y = torch.from_numpy(q), torch.from_numpy(labels)
+    remote = SnapshotMiner(hn, num_negatives=3, snapshot="cos-1")(emb, y)
+    local = SnapshotMiner(SnapshotStore(api_store.root), num_negatives=3, snapshot="cos-1")(emb, y)
+    assert torch.equal(remote.negative_ids, local.negative_ids)
+    for r, loc in zip(remote.indices_tuple, local.indices_tuple):
+        assert torch.equal(r, loc)
+    torch.testing.assert_close(remote.ref_emb, local.ref_emb)
+    assert torch.equal(remote.ref_labels, local.ref_labels)

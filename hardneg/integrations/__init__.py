@@ -1,0 +1,1 @@
+"""Adapters that let other training libraries draw negatives from hardneg snapshots."""
