@@ -25,6 +25,11 @@ from hardneg.miner.mining.stats import DistanceSummary
 from hardneg.miner.store import SnapshotStore
 
 _DEFAULTS = MiningConfig()
+# Label-mode options refused in query mode: their default, and the query-mode option to use instead.
+_LABEL_ONLY = {"per_anchor": (_DEFAULTS.per_anchor, "--num-negatives"), "positive": (_DEFAULTS.positive, None),
+               "fallback": (_DEFAULTS.semihard_fallback, None), "window_skip": (_DEFAULTS.window_skip, "--range-min"),
+               "window_width": (_DEFAULTS.window_width, "--range-max"), "dw_cutoff": (_DEFAULTS.dw_cutoff, None),
+               "dw_nonzero_loss_cutoff": (_DEFAULTS.dw_nonzero_loss_cutoff, None), "anchors": (None, None)}
 
 
 def register_mine(sub: argparse._SubParsersAction) -> None:
@@ -135,6 +140,10 @@ def cmd_mine_queries(args: argparse.Namespace) -> int:
                               "--sampling); --strategy is for label mode")
     if args.qrels is None:
         raise ValidationError("query mode needs --qrels (each query's positive documents)")
+    for flag, (default, instead) in _LABEL_ONLY.items():
+        if getattr(args, flag) != default:
+            hint = f"; use {instead}" if instead else ""
+            raise ValidationError(f"--{flag.replace('_', '-')} belongs to label mode{hint}")
     if args.num_negatives < 1:
         raise ValidationError(f"--num-negatives must be >= 1, got {args.num_negatives}")
     range_max = args.range_min + args.num_negatives if args.range_max is None else args.range_max

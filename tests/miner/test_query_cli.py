@@ -177,6 +177,8 @@ def test_rescore_hook_drops_what_the_scorer_flags(corpus, tmp_path, monkeypatch,
     (["--rescore", "no_such_module_xyz:f", "--rescore-max", "1"], "cannot import module 'no_such_module_xyz'"),
     (["--format", "pml"], "writes an .npz"),
     (["--format", "triplet", "--texts", "MISSING"], "does not exist"),
+    (["--per-anchor", "4"], "--per-anchor belongs to label mode; use --num-negatives"),
+    (["--window-width", "9"], "--window-width belongs to label mode; use --range-max"),
 ])
 def test_query_mode_refusals(corpus, tmp_path, capsys, extra, message) -> None:
     root, _, _, _ = corpus
