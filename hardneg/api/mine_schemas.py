@@ -6,14 +6,13 @@ as stored ids do. Limits that depend on settings are checked by the handler (400
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from hardneg.api.schemas import NestedFloats
+from hardneg.api.schemas import INT64_MAX, Int64, NestedFloats
 from hardneg.miner.mining.config import MiningConfig
 
-Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 _D = MiningConfig()
 
 
@@ -55,7 +54,7 @@ class MineRequest(BaseModel):
     near_duplicate: float | None = Field(None, description="drop negatives nearer than this d²")
     candidates: int = Field(_D.candidates, ge=1, le=4096,
                             description="neighbours fetched per anchor before the guards (doubled as needed)")
-    seed: int = Field(0, ge=0, le=2**63 - 1)
+    seed: int = Field(0, ge=0, le=INT64_MAX)
     include_vectors: bool = Field(False, description="add each negative's stored vector (as searched)")
     snapshot: str | None = Field(None, description="mine this snapshot instead of the one being served")
     nprobe: int | None = Field(None, ge=1, le=65536)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pydantic_core
 
+from hardneg.api.limits import check_result_count
 from hardneg.api.mine_schemas import MineRequest
 from hardneg.api.search import _embed, _vectors  # the /neighbors query parsing, shared
 from hardneg.api.settings import Settings
@@ -33,9 +34,7 @@ def check_mine_request(req: MineRequest, settings: Settings) -> MiningConfig:
     if not 1 <= n <= settings.max_batch:
         raise ValidationError(f"{given[0]} holds {n} anchors; send between 1 and {settings.max_batch} "
                               "(HARDNEG_MAX_BATCH)")
-    if n * req.num_negatives > settings.max_results:
-        raise ValidationError(f"{n} anchors x num_negatives {req.num_negatives} = {n * req.num_negatives} results; "
-                              f"at most {settings.max_results} are answered per request (HARDNEG_MAX_RESULTS)")
+    check_result_count(n, req.num_negatives, settings.max_results)  # 413 above HARDNEG_MAX_RESULTS
     if req.positives is not None and req.labels is not None:
         raise ValidationError("give positives or labels, not both")
     for name, values in (("positives", req.positives), ("labels", req.labels)):

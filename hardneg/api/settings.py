@@ -42,9 +42,8 @@ class Settings(BaseSettings):
                            "and without this, raw `inputs` queries are refused and models are never loaded")
     max_k: int = Field(1000, ge=1, description="largest k a request may ask for")
     # 100k neighbours are ~5 MB of JSON; 1024 queries x k=1000 would be ~53 MB and +315 MB of peak RSS.
-    max_results: int = Field(100_000, ge=1, description="most neighbours one request may ask for (k x queries)")
+    max_results: int = Field(100_000, ge=1, description="most neighbours one request may ask for (k x queries; POST /mine: anchors x num_negatives)")
     max_batch: int = Field(1024, ge=1, description="most queries in one POST /neighbors")
-    max_results: int = Field(100_000, ge=1, description="most results in one answer (POST /mine: anchors x negatives)")
     # 1024 queries of 768 floats as JSON text is ~15 MiB; 32 MiB leaves room without
     # letting one client make the server buffer arbitrary amounts.
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest request body, in bytes")

@@ -148,7 +148,7 @@ def test_result_cap(api_store: ApiStore) -> None:
     p = api_store.snapshots["cos-1"]
     with TestClient(create_app(settings)) as http:
         r = http.post("/mine", json={"ids": p.ids[:4].tolist(), "num_negatives": 3, "snapshot": "cos-1"})
-        assert r.status_code == 400 and "HARDNEG_MAX_RESULTS" in r.json()["detail"] and "12 results" in r.json()["detail"]
+        assert r.status_code == 413 and "HARDNEG_MAX_RESULTS" in r.json()["detail"] and "12 neighbours" in r.json()["detail"]
         r = http.post("/mine", json={"ids": p.ids[:5].tolist(), "num_negatives": 2, "snapshot": "cos-1"})
         assert r.status_code == 200 and len(r.json()["results"]) == 5
 
