@@ -77,7 +77,7 @@ def test_snapshot_miner_in_a_triplet_margin_loss_loop(setup) -> None:
         assert bool((n >= b).all()) and bool((y[a] != mined.ref_labels[n]).all())
         assert [label_of[int(i)] for i in mined.negative_ids.flatten()] == mined.ref_labels[b:].tolist()
         loss = loss_fn(emb, y, mined.indices_tuple, mined.ref_emb, mined.ref_labels)
-        assert float(loss) == pytest.approx(hand_loss(emb, mined.ref_emb, a, p, n), rel=1e-5, abs=1e-7)
+        assert float(loss.detach()) == pytest.approx(hand_loss(emb, mined.ref_emb, a, p, n), rel=1e-5, abs=1e-7)
         opt.zero_grad()
         loss.backward()
         assert mined.ref_emb.grad_fn is not None  # the batch part carries gradient
