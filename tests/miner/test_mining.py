@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 import pytest
 from scipy import stats as sps
@@ -448,13 +449,16 @@ def ref_ivf_knn(x: np.ndarray, labels: np.ndarray, lists: list[list[int]], centr
         nprobe *= 2
 
 
+@pytest.mark.parametrize("factory", ["IVF12,Flat", "IVF12,SQ8,RFlat"])
 @pytest.mark.parametrize("metric", METRICS)
-def test_ivf_label_aware_list_major_search_equals_reference(metric: str) -> None:
+def test_ivf_label_aware_list_major_search_equals_reference(metric: str, factory: str) -> None:
+    """IVF-Flat, and compressed IVF codes under an exact refinement: the lists choose the candidates and the
+    exact vectors (what ``reconstruct`` returns for both) score them."""
     vectors, labels, ids = _clusters(n=300, n_classes=4, seed=45)
-    vi = VectorIndex.build(vectors, labels, ids, metric=metric, index="IVF12,Flat")
+    vi = VectorIndex.build(vectors, labels, ids, metric=metric, index=factory)
     lists_info = mining_ivf.inverted_lists(vi)
     assert lists_info is not None and lists_info.pure.any(), "the case should have single-label lists to skip"
-    ivf = vi.index
+    ivf = faiss.extract_index_ivf(vi.index)
     lists = [[int(r) for r in lists_info.rows[lists_info.bounds[c]:lists_info.bounds[c + 1]]] for c in range(ivf.nlist)]
     centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist).astype(np.float64)
     xv = vi.index.reconstruct_n(0, vi.count).astype(np.float64)  # rows order

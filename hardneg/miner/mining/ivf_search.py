@@ -11,6 +11,11 @@ quantizer and the inverted lists) and the caller's ``nprobe``:
   anchors that probe it in one matrix product; the per-list top-k lists are merged into each anchor's
   running top-k. Same candidates, a BLAS kernel.
 
+Each list keeps its rows in ascending order, which (rows being sorted by label) sorts it by label; the
+anchors that probe it are scanned in row order too, so the same-label entries of the score matrix are
+rectangles, one per label that both hold, masked by slicing instead of comparing every label pair.
+Anchors are scanned in chunks of ``ANCHOR_CHUNK``, which bounds the memory of the probe tables.
+
 Anchors whose probed lists hold fewer than ``k`` wrong-label items are searched again with twice the
 ``nprobe`` (up to every list), so a result is short only when the class complement is.
 """
@@ -26,11 +31,15 @@ from hardneg.miner.distances import Distance
 from hardneg.miner.index import SearchParams, VectorIndex
 from hardneg.miner.mining.topk import merge_topk, score_to_d2, scores
 
+# Anchors per scan: the probe tables take ~40 bytes per (anchor, fetched list), and each list still meets
+# thousands of anchors at N = 1M and nprobe / nlist ~ 1/20, so its matrix products stay on BLAS's fast path.
+ANCHOR_CHUNK = 1 << 17
+
 
 @dataclass(frozen=True)
 class InvertedLists:
-    """The lists of an IVF-Flat index as rows: list ``l`` holds ``rows[bounds[l]:bounds[l+1]]``; ``pure[l]``
-    says whether all its items share one label, ``pure_label[l]``."""
+    """The lists of an IVF-Flat index as rows: list ``l`` holds ``rows[bounds[l]:bounds[l+1]]``, ascending (so
+    sorted by label); ``pure[l]`` says whether all its items share one label, ``pure_label[l]``."""
 
     quantizer: faiss.Index
     rows: np.ndarray  # (n,) int64
@@ -45,16 +54,25 @@ class InvertedLists:
 
 
 def inverted_lists(index: VectorIndex) -> InvertedLists | None:
-    """The inverted lists of ``index`` when it is a plain IVF-Flat index whose list ids are its rows, else None."""
-    ivf = index.index
-    if not isinstance(ivf, faiss.IndexIVFFlat):
+    """The inverted lists of ``index`` when their ids are its rows, else None.
+
+    Accepted: an IVF index (``IVF..,Flat``, or compressed codes such as ``IVF..,SQ8`` or ``IVF..,PQ..``, whose
+    decoded vectors are then what is scanned), bare or under an exact refinement (``IVF..,SQ8,RFlat``: the
+    lists pick the candidates and the refinement's exact vectors score them). Not under a transform: its
+    lists live in another space than the stored vectors.
+    """
+    base = index.index
+    if isinstance(base, faiss.IndexRefine):
+        base = faiss.downcast_index(base.base_index)
+    if not isinstance(base, faiss.IndexIVF):
         return None
+    ivf = faiss.extract_index_ivf(base)
     invlists = ivf.invlists
     sizes = np.array([invlists.list_size(lst) for lst in range(ivf.nlist)], dtype=np.int64)
     bounds = np.concatenate([[0], np.cumsum(sizes)])
     rows = np.empty(int(bounds[-1]), np.int64)
     for lst in np.flatnonzero(sizes):
-        rows[bounds[lst]:bounds[lst + 1]] = faiss.rev_swig_ptr(invlists.get_ids(int(lst)), int(sizes[lst]))
+        rows[bounds[lst]:bounds[lst + 1]] = np.sort(faiss.rev_swig_ptr(invlists.get_ids(int(lst)), int(sizes[lst])))
     if not np.array_equal(np.sort(rows), np.arange(index.count)):
         return None  # the lists' ids are not the index's rows (not added in row order): use FAISS's own search
     labels = index.labels[rows]
@@ -92,11 +110,13 @@ def ivf_wrong_label_knn(lists: InvertedLists, vectors: np.ndarray, labels: np.nd
     nprobe = min((params.nprobe if params and params.nprobe else None) or default_nprobe or 1, lists.nlist)
     complement = len(labels) - (np.searchsorted(labels, labels[anchor_rows], "right")
                                 - np.searchsorted(labels, labels[anchor_rows], "left"))
-    todo = np.arange(m)
+    todo = np.argsort(anchor_rows, kind="stable")  # row order: labels ascending within every list's anchors
     while todo.size:
-        rows, d2 = _probe_and_scan(lists, vectors, labels, anchor_rows[todo], k, distance, nprobe)
-        out_rows[todo], out_d2[todo] = rows, d2
-        short = (rows >= 0).sum(1) < np.minimum(k, complement[todo])
+        for s in range(0, len(todo), ANCHOR_CHUNK):
+            chunk = todo[s:s + ANCHOR_CHUNK]
+            out_rows[chunk], out_d2[chunk] = _probe_and_scan(lists, vectors, labels, anchor_rows[chunk], k, distance,
+                                                             nprobe)
+        short = (out_rows[todo] >= 0).sum(1) < np.minimum(k, complement[todo])
         if nprobe >= lists.nlist or not short.any():
             break
         todo, nprobe = todo[short], min(2 * nprobe, lists.nlist)
@@ -105,6 +125,7 @@ def ivf_wrong_label_knn(lists: InvertedLists, vectors: np.ndarray, labels: np.nd
 
 def _probe_and_scan(lists: InvertedLists, vectors: np.ndarray, labels: np.ndarray, anchor_rows: np.ndarray, k: int,
                     distance: Distance, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    """One scan of (m,) anchors in ascending row order: (m, k) rows and d², nearest first, padded."""
     q = vectors[anchor_rows]
     qlab = labels[anchor_rows]
     # Fetch enough nearest lists that dropping the empty ones and the anchor's own single-label ones leaves nprobe.
@@ -128,7 +149,7 @@ def _probe_and_scan(lists: InvertedLists, vectors: np.ndarray, labels: np.ndarra
         x = vectors[rows]
         s = scores(q[a], x, distance)
         if not lists.pure[lst]:  # single-label lists of the anchor's own label were never probed
-            s[qlab[a][:, None] == labels[rows][None, :]] = -np.inf
+            _mask_same_label(s, qlab[a], labels[rows])
         kk = min(k, len(rows))
         cols = np.argmax(s, axis=1)[:, None] if kk == 1 else np.argpartition(s, -kk, axis=1)[:, -kk:]
         best = np.take_along_axis(s, cols, 1)
@@ -137,3 +158,18 @@ def _probe_and_scan(lists: InvertedLists, vectors: np.ndarray, labels: np.ndarra
         cand_d2 = np.where(found, score_to_d2(best, q[a], distance), np.inf).astype(np.float32)
         best_rows[a], best_d2[a] = merge_topk([(best_rows[a], best_d2[a]), (cand_rows, cand_d2)], k)
     return best_rows, best_d2
+
+
+def _mask_same_label(s: np.ndarray, qlab: np.ndarray, xlab: np.ndarray) -> None:
+    """Set to ``-inf`` the entries of ``s`` (b, c) where the query's label ``qlab`` (b,) equals the item's ``xlab``
+    (c,); both are ascending, so each shared label is one rectangle."""
+    lo = np.searchsorted(xlab, qlab, "left")
+    hi = np.searchsorted(xlab, qlab, "right")
+    shared = np.flatnonzero(hi > lo)
+    if not shared.size:
+        return
+    # Anchors sharing a label are consecutive: split the shared ones where the label changes.
+    cuts = np.flatnonzero(np.diff(qlab[shared]) != 0) + 1
+    for run in np.split(shared, cuts):
+        a, b = run[0], run[-1] + 1
+        s[a:b, lo[a]:hi[a]] = -np.inf

@@ -9,10 +9,13 @@ with one masked matrix product. The partial top-k lists are then merged. Compare
 class's anchors separately, this keeps FAISS's GEMM calls (and the thread hand-offs around each)
 as few as the plain search makes, and never leaves BLAS for an ID-selector scan.
 
-IVF-Flat indexes are probed label-aware and scanned list-major on BLAS
-(:mod:`hardneg.miner.mining.ivf_search`). Other approximate indexes (hnsw, factory strings) go through
-``VectorIndex.search(different_label=True)``: their own search path with an ID selector and the
-caller's per-call parameters.
+IVF indexes (``IVF..,Flat``, compressed IVF codes, and either under an exact ``RFlat`` refinement) are
+probed label-aware and scanned list-major on BLAS (:mod:`hardneg.miner.mining.ivf_search`). Other
+approximate indexes (hnsw, other factory strings) go through ``VectorIndex.search(different_label=True)``:
+their own search path with an ID selector and the caller's per-call parameters. On HNSW that path must
+widen ``efSearch`` by the anchor's whole class (every item of it is blocked and nearer than any negative),
+so it is slower than exact mining: HNSW snapshots are for serving, not for mining (docs/benchmarks.md,
+"Scale").
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def wrong_label_knn(index: VectorIndex, vectors: np.ndarray, anchor_rows: np.nda
     """The ``k`` nearest neighbours of each anchor row among the rows whose label differs from its own.
 
     Args:
-        index: the index: exact when flat; IVF-Flat through :mod:`~hardneg.miner.mining.ivf_search`; any
+        index: the index: exact when flat; IVF through :mod:`~hardneg.miner.mining.ivf_search`; any
             other through its own search path. ``params`` applies to the last two.
         vectors: (n, d) float32 stored (prepared) vectors of every row.
         anchor_rows: (m,) rows of the anchors (repeats allowed).
