@@ -12,6 +12,9 @@ others. Definitions follow Musgrave et al. 2020, "A Metric Learning Reality Chec
   ``i``-th neighbour has the query's label and ``P(i)`` is the precision of the first ``i``.
 
 Queries whose class has no other item (``R = 0``) are left out of every mean.
+
+At scale, ``sample=M`` evaluates M seeded queries (each still ranked against all n items) and reports each
+metric's 95 % confidence interval beside it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from hardneg.miner.index import VectorIndex, check_int_array, check_vectors
 
 # Relevance entries (queries x depth) per block of queries: 16 MiB of bools, whatever the largest class.
 _BLOCK_ENTRIES = 1 << 24
+# Two-sided normal quantile of the reported confidence intervals (95 %).
+Z_95 = 1.959963984540054
 
 
 def retrieval_metrics(
@@ -33,11 +38,19 @@ def retrieval_metrics(
     *,
     ks: Sequence[int] = (1, 5, 10),
     metric: str = "cosine",
+    sample: int | None = None,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Leave-one-out retrieval metrics of ``embeddings`` (n, d) with ``labels`` (n,).
 
     Returns a dict with ``precision_at_1``, ``recall_at_{k}`` for each k in ``ks``,
     ``r_precision``, ``map_at_r`` and ``num_queries`` (queries with ``R >= 1``).
+
+    ``sample``: evaluate only this many queries, drawn uniformly without replacement (seeded by ``seed``)
+    among those with ``R >= 1`` (:func:`sample_queries`), each still ranked against all n items; ``None``
+    (default) or at least that count evaluates every query. A sample adds ``{metric}_ci95`` per metric, the
+    half-width of its 95 % confidence interval (normal approximation with the finite-population correction,
+    so 0 when every query is drawn), and ``num_candidates`` (the queries with ``R >= 1``).
 
     Queries are searched in blocks of similar ``R`` (each to its block's depth), so memory stays bounded by
     the block size rather than growing as n x the largest class.
@@ -46,15 +59,19 @@ def retrieval_metrics(
     labels = check_int_array(labels, "labels", len(embeddings))
     if any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
         raise ValidationError(f"ks must be positive integers, got {list(ks)}")
-    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    r = counts[inverse] - 1  # (n,) other items of each query's class
+    if sample is not None and (isinstance(sample, bool) or not isinstance(sample, (int, np.integer)) or sample < 1):
+        raise ValidationError(f"sample must be None or a positive integer, got {sample!r}")
+    r = class_others(labels)  # (n,) other items of each query's class
     if r.max(initial=0) == 0:
         raise ValidationError("retrieval metrics need at least one class with two or more items")
     n = len(embeddings)
     ids = np.arange(n, dtype=np.int64)
     index = VectorIndex.build(embeddings, labels, ids, metric=metric, index="flat")
-    sums = {"precision_at_1": 0.0, **{f"recall_at_{k}": 0.0 for k in ks}, "r_precision": 0.0, "map_at_r": 0.0}
-    queries = np.flatnonzero(r > 0)
+    names = ["precision_at_1", *(f"recall_at_{k}" for k in ks), "r_precision", "map_at_r"]
+    sums = {name: 0.0 for name in names}
+    squares = {name: 0.0 for name in names}
+    candidates = int((r > 0).sum())
+    queries = sample_queries(labels, sample, seed)
     queries = queries[np.argsort(r[queries], kind="stable")]  # blocks of similar depth
     for block in _depth_blocks(r[queries], max(ks, default=1), n - 1):
         q = queries[block]
@@ -62,10 +79,32 @@ def retrieval_metrics(
         result = index.search(embeddings[q], depth, exclude_self=q)
         if not np.all(result.lengths == depth):  # flat search over n-1 others always fills depth
             raise RuntimeError("exact search returned fewer neighbours than requested")
-        _add_block(sums, result.labels.reshape(len(q), depth) == labels[q][:, None], r[q], ks)
-    out: dict[str, float] = {key: value / len(queries) for key, value in sums.items()}
-    out["num_queries"] = int(len(queries))
+        _add_block(sums, squares, result.labels.reshape(len(q), depth) == labels[q][:, None], r[q], ks)
+    m = len(queries)
+    out: dict[str, float] = {key: value / m for key, value in sums.items()}
+    out["num_queries"] = int(m)
+    if m < candidates:
+        fpc = np.sqrt((candidates - m) / max(candidates - 1, 1))
+        for name in names:
+            var = max(squares[name] - m * out[name] ** 2, 0.0) / (m - 1) if m > 1 else float("inf")
+            out[f"{name}_ci95"] = float(Z_95 * np.sqrt(var / m) * fpc)
+        out["num_candidates"] = candidates
     return out
+
+
+def class_others(labels: np.ndarray) -> np.ndarray:
+    """``R`` of each item of ``labels`` (n,): how many other items share its label, (n,) int64."""
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    return (counts[inverse] - 1).astype(np.int64)
+
+
+def sample_queries(labels: np.ndarray, sample: int | None, seed: int = 0) -> np.ndarray:
+    """The queries :func:`retrieval_metrics` evaluates: ascending positions among the items of ``labels`` (n,)
+    with ``R >= 1``, all of them or ``sample`` drawn uniformly without replacement with ``seed``."""
+    candidates = np.flatnonzero(class_others(np.asarray(labels)) > 0)
+    if sample is None or sample >= len(candidates):
+        return candidates
+    return np.sort(np.random.default_rng(seed).choice(candidates, sample, replace=False))
 
 
 def _depth_blocks(r_sorted: np.ndarray, min_depth: int, max_depth: int) -> list[slice]:
@@ -84,15 +123,20 @@ def _depth_blocks(r_sorted: np.ndarray, min_depth: int, max_depth: int) -> list[
     return blocks
 
 
-def _add_block(sums: dict[str, float], rel: np.ndarray, r: np.ndarray, ks: Sequence[int]) -> None:
-    """Add the per-query metrics of one block to ``sums``: ``rel`` (b, depth) relevance, ``r`` (b,) R >= 1."""
+def _add_block(sums: dict[str, float], squares: dict[str, float], rel: np.ndarray, r: np.ndarray,
+               ks: Sequence[int]) -> None:
+    """Add the per-query metrics of one block, and their squares, to ``sums`` and ``squares``: ``rel`` (b, depth)
+    relevance, ``r`` (b,) R >= 1."""
     width = rel.shape[1]
     ranks = np.arange(1, width + 1)
     within_r = ranks[None, :] <= r[:, None]  # (b, width): the first R positions of each query
     hits_r = rel & within_r
     precision_at_i = np.cumsum(hits_r, axis=1) / ranks[None, :]
-    sums["precision_at_1"] += float(rel[:, 0].sum())
+    per_query = {"precision_at_1": rel[:, 0].astype(np.float64)}
     for k in ks:
-        sums[f"recall_at_{k}"] += float(rel[:, : min(k, width)].any(axis=1).sum())
-    sums["r_precision"] += float((hits_r.sum(1) / r).sum())
-    sums["map_at_r"] += float(((precision_at_i * hits_r).sum(1) / r).sum())
+        per_query[f"recall_at_{k}"] = rel[:, : min(k, width)].any(axis=1).astype(np.float64)
+    per_query["r_precision"] = hits_r.sum(1) / r
+    per_query["map_at_r"] = (precision_at_i * hits_r).sum(1) / r
+    for name, v in per_query.items():
+        sums[name] += float(v.sum())
+        squares[name] += float((v * v).sum())

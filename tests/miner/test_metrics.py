@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from hardneg.miner.errors import ValidationError
-from hardneg.miner.metrics import retrieval_metrics
+from hardneg.miner.metrics import retrieval_metrics, sample_queries
 
 
 def test_hand_computed_line() -> None:
@@ -100,3 +100,69 @@ def test_blocks_of_queries_by_depth_give_the_same_metrics(monkeypatch: pytest.Mo
     assert got["num_queries"] == len(y) - 1
     for key, value in ref.items():
         assert got[key] == pytest.approx(value, abs=1e-9), key
+
+
+def _reference_per_query(x: np.ndarray, y: np.ndarray, queries: np.ndarray) -> dict[str, list[float]]:
+    """MAP@R and P@1 of each query by loops over a cosine ranking (stable order of equal distances)."""
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    out: dict[str, list[float]] = {"precision_at_1": [], "map_at_r": []}
+    for i in queries:
+        others = [j for j in range(len(x)) if j != i]
+        order = [others[j] for j in np.argsort([2 - 2 * float(xn[i] @ xn[j]) for j in others], kind="stable")]
+        rel = [int(y[j] == y[i]) for j in order]
+        r = sum(rel)
+        hits, s = 0, 0.0
+        for pos in range(r):
+            if rel[pos]:
+                hits += 1
+                s += hits / (pos + 1)
+        out["precision_at_1"].append(rel[0])
+        out["map_at_r"].append(s / r)
+    return out
+
+
+def _blobs(seed: int, n: int = 150) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 6, size=n)
+    y[0] = 6  # a singleton class: never a query
+    return rng.normal(size=(7, 8))[y] + 0.9 * rng.normal(size=(n, 8)), y
+
+
+def test_sampled_queries_and_confidence_interval_by_hand() -> None:
+    x, y = _blobs(3)
+    queries = sample_queries(y, 40, seed=5)
+    assert len(queries) == 40 and len(set(queries.tolist())) == 40 and 0 not in queries  # the singleton is left out
+    got = retrieval_metrics(x, y, sample=40, seed=5)
+    ref = _reference_per_query(x, y, queries)
+    fpc = np.sqrt((149 - 40) / (149 - 1))
+    for key, values in ref.items():
+        assert got[key] == pytest.approx(np.mean(values), abs=1e-9), key
+        half = 1.959963984540054 * np.std(values, ddof=1) / np.sqrt(40) * fpc
+        assert got[f"{key}_ci95"] == pytest.approx(half, rel=1e-9), key
+    assert got["num_queries"] == 40 and got["num_candidates"] == 149
+
+
+def test_sample_of_every_query_is_the_full_evaluation() -> None:
+    x, y = _blobs(4)
+    full = retrieval_metrics(x, y)
+    assert retrieval_metrics(x, y, sample=149) == full and "map_at_r_ci95" not in full
+
+
+def test_confidence_interval_covers_the_full_value() -> None:
+    """Over 40 seeded samples of 30 queries, the 95 % interval holds the full-set MAP@R for most of them."""
+    x, y = _blobs(6, n=300)
+    full = retrieval_metrics(x, y)["map_at_r"]
+    covered = []
+    for seed in range(40):
+        m = retrieval_metrics(x, y, sample=30, seed=seed)
+        covered.append(abs(m["map_at_r"] - full) <= m["map_at_r_ci95"])
+    assert 0.85 <= np.mean(covered) < 1.0
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"sample": 0}, "sample must be None or a positive integer, got 0"),
+    ({"sample": 2.5}, "sample must be None or a positive integer"),
+])
+def test_rejects_bad_scale_options(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        retrieval_metrics(np.eye(3), np.array([0, 0, 1]), **kwargs)
