@@ -534,3 +534,12 @@ def test_mine_refuses_bad_arguments() -> None:
         mine(vi, {"strategy": "hardest"})
     empty = mine(vi, MiningConfig(), np.array([], dtype=np.int64))
     assert len(empty) == 0 and empty.stats.anchors == 0 and empty.stats.nonzero_loss_share is None
+
+
+def test_mining_an_hnsw_index_warns_and_mining_ivf_does_not(caplog: pytest.LogCaptureFixture) -> None:
+    vectors, labels, ids = _clusters(n=200, n_classes=4, seed=46)
+    for kind, warns in (("hnsw", True), ("ivf", False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="hardneg.miner.mining.miner"):
+            mine(VectorIndex.build(vectors, labels, ids, index=kind), MiningConfig())
+        assert any("mining an HNSW index" in r.getMessage() for r in caplog.records) == warns, kind

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import time
+
+import faiss
 import numpy as np
 
 from hardneg.miner.errors import ValidationError
@@ -63,6 +65,10 @@ def mine(index: VectorIndex, config: MiningConfig, anchors: np.ndarray | None = 
     if params is not None and not isinstance(params, SearchParams):
         raise ValidationError(f"params must be a SearchParams or None, got {type(params).__name__}")
     started = time.perf_counter()
+    if isinstance(index.index, faiss.IndexHNSW):
+        log.warning("mining an HNSW index: every search must get past the anchor's whole class, so this is slower "
+                    "than exact mining on a flat index at any size measured (docs/benchmarks.md, Scale); "
+                    "publish a flat or ivf snapshot to mine from")
     anchor_ids = index.ids if anchors is None else check_int_array(anchors, "anchors")
     anchor_rows = index.rows_of(anchor_ids) if len(anchor_ids) else np.empty(0, np.int64)
     vectors = stored_vectors(index)
