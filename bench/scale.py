@@ -252,6 +252,8 @@ def main() -> None:
     parser.add_argument("--subset-strategies", nargs="*", default=[], choices=STRATEGIES,
                         help="strategies mined on --approx-subset anchors only, for every kind")
     parser.add_argument("--approx-subset", type=int, default=10_000, help="anchors (whole classes) of the subsets")
+    parser.add_argument("--build-only", nargs="*", default=[], choices=KINDS,
+                        help="kinds built and published but not mined (flat: its mining is the exact baseline)")
     parser.add_argument("--eval-items", type=int, default=50_000, help="items of the every-query evaluation")
     parser.add_argument("--eval-sample", type=int, default=2_000, help="queries of the sampled evaluation")
     parser.add_argument("--no-eval", action="store_true")
@@ -304,9 +306,12 @@ def main() -> None:
     try:
         for kind in args.kinds:
             subset_strategies = strategies if kind in args.subset_kinds else tuple(args.subset_strategies)
-            row = bench_kind(kind, data, store_root, strategies, exact, recall_anchors, approx_subset, subset_strategies,
-                             args.seed)
+            row = bench_kind(kind, data, store_root, () if kind in args.build_only else strategies, exact,
+                             recall_anchors, approx_subset, subset_strategies, args.seed)
             figures["kinds"].append(_row_dict(row))
+            if not row.mining:
+                print(f"{row.kind:<8} {row.factory:<22} {row.build.wall:8.1f} {row.publish.wall:9.1f} "
+                      f"{row.build.peak_rss_gib:8.2f} {row.bytes_per_item:7.0f} | (not mined)", flush=True)
             for strategy, mm in row.mining.items():
                 note = "" if mm["anchors_mined"] == n else f"  ({mm['anchors_mined']:,} anchors, scaled to N)"
                 print(f"{row.kind:<8} {row.factory:<22} {row.build.wall:8.1f} {row.publish.wall:9.1f} "
