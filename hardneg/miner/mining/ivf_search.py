@@ -29,7 +29,7 @@ import numpy as np
 
 from hardneg.miner.distances import Distance
 from hardneg.miner.index import SearchParams, VectorIndex
-from hardneg.miner.mining.topk import merge_topk, score_to_d2, scores
+from hardneg.miner.mining.topk import merge_topk, score_to_d2, scores, sort_by_distance
 
 # Anchors per scan: the probe tables take ~40 bytes per (anchor, fetched list), and each list still meets
 # thousands of anchors at N = 1M and nprobe / nlist ~ 1/20, so its matrix products stay on BLAS's fast path.
@@ -156,8 +156,8 @@ def _probe_and_scan(lists: InvertedLists, vectors: np.ndarray, labels: np.ndarra
         found = best > -np.inf
         cand_rows = np.where(found, rows[cols], -1)
         cand_d2 = np.where(found, score_to_d2(best, q[a], distance), np.inf).astype(np.float32)
-        best_rows[a], best_d2[a] = merge_topk([(best_rows[a], best_d2[a]), (cand_rows, cand_d2)], k)
-    return best_rows, best_d2
+        best_rows[a], best_d2[a] = merge_topk([(best_rows[a], best_d2[a]), (cand_rows, cand_d2)], k, ordered=False)
+    return sort_by_distance(best_rows, best_d2) if k > 1 else (best_rows, best_d2)
 
 
 def _mask_same_label(s: np.ndarray, qlab: np.ndarray, xlab: np.ndarray) -> None:

@@ -22,18 +22,25 @@ def score_to_d2(best: np.ndarray, q: np.ndarray, distance: Distance) -> np.ndarr
     return np.maximum(offset - 2.0 * best, 0.0)
 
 
-def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Merge partial top-k lists (rows, d²) of the same queries into one, nearest first, padded to ``k``."""
+def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int,
+               ordered: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Merge partial top-k lists (rows, d²) of the same queries into one, padded to ``k``: nearest first, or in no
+    particular order when not ``ordered`` (for a running top-k that is sorted once at the end)."""
     rows = np.concatenate([p[0] for p in parts], axis=1)
     d2 = np.concatenate([p[1] for p in parts], axis=1)
     if rows.shape[1] > k:
         part = np.argpartition(d2, k - 1, axis=1)[:, :k]
         rows, d2 = np.take_along_axis(rows, part, 1), np.take_along_axis(d2, part, 1)
-    if rows.shape[1] > 1:
-        order = np.argsort(d2, axis=1, kind="stable")
-        rows, d2 = np.take_along_axis(rows, order, 1), np.take_along_axis(d2, order, 1)
+    if ordered and rows.shape[1] > 1:
+        rows, d2 = sort_by_distance(rows, d2)
     if rows.shape[1] < k:
         pad = k - rows.shape[1]
         rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
         d2 = np.pad(d2, ((0, 0), (0, pad)), constant_values=np.inf)
     return rows, d2.astype(np.float32, copy=False)
+
+
+def sort_by_distance(rows: np.ndarray, d2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``rows`` and ``d2`` (m, k) reordered per query by ascending ``d2`` (stable)."""
+    order = np.argsort(d2, axis=1, kind="stable")
+    return np.take_along_axis(rows, order, 1), np.take_along_axis(d2, order, 1)
