@@ -449,11 +449,14 @@ def ref_ivf_knn(x: np.ndarray, labels: np.ndarray, lists: list[list[int]], centr
         nprobe *= 2
 
 
-@pytest.mark.parametrize("factory", ["IVF12,Flat", "IVF12,SQ8,RFlat"])
+@pytest.mark.parametrize(("factory", "chunk"), [("IVF12,Flat", None), ("IVF12,Flat", 37), ("IVF12,SQ8,RFlat", None)])
 @pytest.mark.parametrize("metric", METRICS)
-def test_ivf_label_aware_list_major_search_equals_reference(metric: str, factory: str) -> None:
+def test_ivf_label_aware_list_major_search_equals_reference(metric: str, factory: str, chunk: int | None,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """IVF-Flat, and compressed IVF codes under an exact refinement: the lists choose the candidates and the
-    exact vectors (what ``reconstruct`` returns for both) score them."""
+    exact vectors (what ``reconstruct`` returns for both) score them; anchors scanned in one chunk or several."""
+    if chunk is not None:
+        monkeypatch.setattr(mining_ivf, "ANCHOR_CHUNK", chunk)
     vectors, labels, ids = _clusters(n=300, n_classes=4, seed=45)
     vi = VectorIndex.build(vectors, labels, ids, metric=metric, index=factory)
     lists_info = mining_ivf.inverted_lists(vi)
@@ -463,8 +466,11 @@ def test_ivf_label_aware_list_major_search_equals_reference(metric: str, factory
     centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist).astype(np.float64)
     xv = vi.index.reconstruct_n(0, vi.count).astype(np.float64)  # rows order
     k, nprobe = 20, 2
-    rows, d2 = mining_search.wrong_label_knn(vi, vi.index.reconstruct_n(0, vi.count), np.arange(vi.count), k,
+    anchors = np.random.default_rng(7).permutation(vi.count)  # any order in, answers in that order out
+    rows, d2 = mining_search.wrong_label_knn(vi, vi.index.reconstruct_n(0, vi.count), anchors, k,
                                              SearchParams(nprobe=nprobe))[:2]
+    back = np.argsort(anchors)
+    rows, d2 = rows[back], d2[back]
     widened = 0
     for a in range(vi.count):
         want, used = ref_ivf_knn(xv, vi.labels, lists, centroids, a, k, nprobe, metric)
