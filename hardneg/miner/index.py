@@ -76,7 +76,7 @@ def ivf_lists(n: int) -> tuple[int, int]:
     Chosen for mining, where the work is the scan of the probed lists (about ``n / 16`` items per anchor
     whatever ``nlist``): fewer, larger lists keep each list's matrix product large, make k-means 16x
     cheaper than FAISS's ``4 sqrt(n)`` rule of thumb, and on clustered data reach a hardest-negative recall
-    of about 0.96 at N = 1M (docs/benchmarks.md, "Scale"). Serving searches also visit ``n / 16`` items.
+    of 0.968 at N = 1M (0.926 at 100k) (docs/benchmarks.md, "Scale"). Serving searches also visit ``n / 16`` items.
     """
     nlist = max(1, min(round(math.sqrt(n)), n // 39))
     return nlist, max(1, min(nlist, max(8, math.ceil(nlist / 16))))
