@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hardneg.miner.errors import ValidationError
 from hardneg.miner.index import SearchParams, VectorIndex
+from hardneg.miner.npy import load_npy
 from hardneg.miner.store import SnapshotStore
 
 
@@ -54,10 +54,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--ef-search", type=int, help="HNSW search breadth")
     s.set_defaults(func=cmd_search)
 
-    from hardneg.miner.mine_cli import register_mine  # imported here: mine_cli imports this module
-
-    register_mine(sub)
-
 
 def _store_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", required=True, type=Path,
@@ -70,16 +66,6 @@ def _int_csv(text: str) -> list[int]:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def load_npy(path: Path, what: str) -> np.ndarray:
-    """Load a .npy file without pickle, with an error that names the file."""
-    try:
-        return np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise ValidationError(f"{what} file {path} does not exist") from None
-    except ValueError as e:
-        raise ValidationError(f"{what} file {path} is not a plain .npy array ({e})") from None
 
 
 def cmd_build(args: argparse.Namespace) -> int:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from hardneg.miner.cli import load_npy
 from hardneg.miner.errors import ValidationError
 from hardneg.miner.formats import FORMATS, Cells, read_qrels, read_texts, write_mined
 from hardneg.miner.index import SearchParams
@@ -22,6 +21,7 @@ from hardneg.miner.mining.config import POSITIVES, SEMIHARD_FALLBACKS, STRATEGIE
 from hardneg.miner.mining.queries import mine_queries
 from hardneg.miner.mining.rescore import RescoreGuard, load_scorer
 from hardneg.miner.mining.stats import DistanceSummary
+from hardneg.miner.npy import load_npy
 from hardneg.miner.store import SnapshotStore
 
 _DEFAULTS = MiningConfig()
@@ -32,7 +32,7 @@ _LABEL_ONLY = {"per_anchor": (_DEFAULTS.per_anchor, "--num-negatives"), "positiv
                "dw_nonzero_loss_cutoff": (_DEFAULTS.dw_nonzero_loss_cutoff, None), "anchors": (None, None)}
 
 
-def register_mine(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``mine`` subcommand to the ``hardneg`` parser."""
     p = sub.add_parser("mine", help="mine hard negatives from a snapshot (its own items, or queries against it)",
                        description="Label mode: mine hard negatives (and positives, triplets, pairs) among a "
