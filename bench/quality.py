@@ -150,7 +150,7 @@ class Method:
 
 
 def _global(name: str, note: str, **changes: Any) -> Method:
-    item_batches = changes.get("global_batches", TrainConfig.global_batches) == "classes"
+    item_batches = changes.get("global_batches", "classes") == "classes"  # the default recipe: class batches
     return Method(name, {"mining": "global", **changes}, True, "lever" if name != "global" else "global",
                   item_batches, note=note)
 
@@ -276,9 +276,9 @@ def run_one(spec: RunSpec) -> RunRecord:
         **({} if method.charge_refresh else {"refresh_every": spec.epochs, "warmup_epochs": 0}),
         **method.changes,
     })
-    trainer = loop.Trainer.create(cfg)
-    if method.pml is not None:
-        trainer.inbatch = PMLMiner(method.pml, cfg.margin)  # the epoch plan's in-batch miner
+    # pytorch-metric-learning's miner is handed to the in-batch recipe as its miner
+    parts = loop.Parts(miner=PMLMiner(method.pml, cfg.margin)) if method.pml is not None else loop.Parts()
+    trainer = loop.Trainer.create(cfg, parts=parts)
     trainer.run()
     rec = RunRecord(method.name, method.group, spec.protocol, spec.seed)
     wall = cpu = 0.0

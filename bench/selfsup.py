@@ -99,23 +99,6 @@ def run_one(spec: RunSpec) -> RunRecord:
 
     torch.set_num_threads(1)
     method = METHODS[spec.method]
-    clock = {"train": {}, "refresh": {}}
-
-    class TimedTrainer(loop.Trainer):
-        """The trainer with each epoch's training and refresh time recorded (evaluation is not timed)."""
-
-        def _refresh(self, epoch: int | None) -> Any:
-            t0 = time.perf_counter()
-            out = super()._refresh(epoch)
-            if epoch is not None:
-                clock["refresh"][epoch] = time.perf_counter() - t0
-            return out
-
-        def _train_epoch(self, epoch: int) -> Any:
-            t0 = time.perf_counter()
-            out = super()._train_epoch(epoch)
-            clock["train"][epoch] = time.perf_counter() - t0
-            return out
 
     tag = f"{spec.method.replace(' ', '_')}-{spec.seed}"
     cfg = TrainConfig.from_dict({
@@ -125,20 +108,20 @@ def run_one(spec: RunSpec) -> RunRecord:
         **({} if method.mined else {"refresh_every": spec.epochs, "warmup_epochs": 0}),
         **method.changes,
     })
-    trainer = TimedTrainer.create(cfg)
+    trainer = loop.Trainer.create(cfg)
     trainer.run()
     rec = RunRecord(spec.method, spec.seed)
     total = 0.0
     for r in trainer.state.history:
-        e = r["epoch"]
-        refresh_s = clock["refresh"].get(e, 0.0) if method.mined else 0.0
-        total += clock["train"].get(e, 0.0) + refresh_s
+        e, timing = r["epoch"], r["timing"] or {}  # the loop's clocks of the epoch (evaluation not included)
+        refresh_s = timing.get("refresh_s", 0.0) if method.mined else 0.0
+        total += timing.get("train_s", 0.0) + refresh_s
         rec.refresh_seconds += refresh_s
         rec.epochs.append(e)
         rec.seconds.append(round(total, 4))
         for key, _ in METRICS:
             rec.metrics.setdefault(key, []).append(r["metrics"][key])
-    table = trainer.state.ssl_negatives
+    table = trainer.recipe.negatives  # the last refresh's mined negatives (n, C)
     if table is not None:
         y = trainer.splits.train.y
         valid = table >= 0

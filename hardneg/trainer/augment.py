@@ -21,45 +21,14 @@ zero (the crop at scale 1 and ratio 1 up to float rounding of the sampling grid)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from hardneg.miner.errors import ValidationError
+from hardneg.trainer.recipes.settings import AugmentConfig  # torch-free, with the recipe settings
 
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Strengths of the augmentations (the trainer's ``aug_*`` options); each at its neutral value is the identity.
-
-    Defaults for 8 x 8 digits: a crop keeps at least half of the image, enough to tell the digit (not tuned);
-    no flips, which lowered MAP@R on digits from 0.745 to 0.580 (docs/benchmarks.md, "Self-supervised").
-    """
-
-    crop_min_scale: float = 0.5  # smallest crop area, as a fraction of the image (SimCLR: 0.08 on ImageNet)
-    crop_max_ratio: float = 4 / 3  # aspect ratios drawn log-uniformly in [1/r, r] (SimCLR's 3/4..4/3)
-    flip: float = 0.0  # probability of a horizontal flip
-    brightness: float = 0.2  # additive shift drawn uniformly in [-b, b] (pixel values lie in [0, 1])
-    contrast: float = 0.2  # contrast factor drawn uniformly in [1 - c, 1 + c]
-    noise: float = 0.05  # standard deviation of the additive Gaussian noise
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.crop_min_scale <= 1.0:
-            raise ValidationError(f"aug_crop_min_scale must lie in (0, 1] (a fraction of the image's area), "
-                                  f"got {self.crop_min_scale}")
-        if not (math.isfinite(self.crop_max_ratio) and self.crop_max_ratio >= 1.0):
-            raise ValidationError(f"aug_crop_max_ratio must be a finite number >= 1 (1: square crops only), "
-                                  f"got {self.crop_max_ratio}")
-        if not 0.0 <= self.flip <= 1.0:
-            raise ValidationError(f"aug_flip must be a probability in [0, 1], got {self.flip}")
-        for name in ("brightness", "noise"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0.0):
-                raise ValidationError(f"aug_{name} must be a finite number >= 0 (0: off), got {v}")
-        if not 0.0 <= self.contrast < 1.0:
-            raise ValidationError(f"aug_contrast must lie in [0, 1) (factors 1 - c .. 1 + c stay positive), "
-                                  f"got {self.contrast}")
+__all__ = ["AugmentConfig", "augment", "brightness_contrast", "gaussian_noise", "random_flip", "random_resized_crop"]
 
 
 def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:

@@ -29,7 +29,7 @@ import numpy as np
 
 from hardneg.miner.errors import ValidationError
 from hardneg.miner.index import VectorIndex
-from hardneg.trainer.config import BATCHINGS
+from hardneg.trainer.recipes.settings import BATCHINGS
 
 # Class counts up to which confusable_classes searches class centroids exactly (above: an IVF index).
 EXACT_CLASSES = 20_000

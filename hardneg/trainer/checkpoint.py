@@ -2,9 +2,12 @@
 
 A checkpoint is a dict with keys ``format``, ``config`` (TrainConfig as a dict), ``model_spec``, ``epoch``
 (epochs completed), ``step``, ``model`` and ``optimizer`` (state dicts), ``rng`` (torch RNG state),
-``mined`` (the current mined tuples, or None), ``snapshot`` (name of the last published snapshot),
-``history`` (one metrics record per epoch, epoch 0 = untrained) and ``best_map_at_r``.
-It is loaded with ``torch.load(weights_only=True)``, which refuses arbitrary objects.
+``recipe`` (the recipe's state: its current mined tuples, class table or negatives), ``snapshot`` (name of
+the last published snapshot), ``history`` (one metrics record per epoch, epoch 0 = untrained) and
+``best_map_at_r``. It is loaded with ``torch.load(weights_only=True)``, which refuses arbitrary objects.
+
+Format 1 (before recipes) kept the recipe's state in ``mined``, ``class_neighbours`` and ``ssl_negatives`` and
+its config flat; it is read as format 2 (:func:`upgrade`), and its config by ``TrainConfig.from_stored``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import torch
 
 from hardneg.miner.errors import ValidationError
 
-FORMAT = 1
+FORMAT = 2
+READABLE = (1, 2)
 LAST = "last.pt"
 BEST = "best.pt"
 REQUIRED = ("format", "config", "model_spec", "epoch", "step", "model", "history")
@@ -50,6 +54,17 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise ValidationError(f"checkpoint {path} cannot be loaded as a hardneg checkpoint ({e})") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
         raise ValidationError(f"checkpoint {path} lacks required entries {list(REQUIRED)}")
-    if state["format"] != FORMAT:
-        raise ValidationError(f"checkpoint {path} has format {state['format']}; this hardneg reads format {FORMAT}")
-    return state
+    if state["format"] not in READABLE:
+        raise ValidationError(f"checkpoint {path} has format {state['format']}; this hardneg reads formats "
+                              f"{', '.join(map(str, READABLE))}")
+    return upgrade(state)
+
+
+def upgrade(state: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 checkpoint as format 2: its per-mode entries become the recipe's state (each recipe reads its
+    own key of it: ``tuples``, ``neighbours`` or ``negatives``)."""
+    if state["format"] == FORMAT:
+        return state
+    old = {k: state.pop(k, None) for k in ("mined", "class_neighbours", "ssl_negatives")}
+    recipe = {"tuples": old["mined"], "neighbours": old["class_neighbours"], "negatives": old["ssl_negatives"]}
+    return {**state, "format": FORMAT, "recipe": recipe}

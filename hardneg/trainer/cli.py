@@ -15,10 +15,10 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hardneg.trainer.config import (
-    BATCHINGS, DEVICES, GLOBAL_BATCHES, GLOBAL_STRATEGIES, INBATCH_STRATEGIES, INDEX_KINDS, LOSSES, MINING_MODES,
-    MODES, POSITIVES, PROTOCOLS, SSL_NEGATIVES, TrainConfig,
-)
+from hardneg.miner.index import INDEX_KINDS
+from hardneg.miner.mining.config import POSITIVES, STRATEGIES
+from hardneg.trainer.config import DEVICES, GLOBAL_BATCHES, LOSSES, MINING_MODES, MODES, PROTOCOLS, TrainConfig
+from hardneg.trainer.recipes.settings import BATCHINGS, INBATCH_STRATEGIES, SETTINGS, SSL_NEGATIVES, WARMUPS
 
 if TYPE_CHECKING:  # torch is imported inside the commands, for a fast start of the others
     from hardneg.trainer.distributed import DistContext
@@ -32,25 +32,50 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser(
         "train", argument_default=argparse.SUPPRESS,
         help="train an embedding model with periodic snapshots and hard-negative mining",
-        description="Train an embedding model. With no flags: the built-in digits, global mining, well under "
-                    "a minute on a laptop CPU. Every option can also come from --config FILE (TOML, keys named "
-                    "like the options with underscores); flags given here override the file. Options without a "
-                    "flag (weight_decay, semihard_fallback, warmup_strategy, eval_class_fraction, "
-                    "eval_sample_fraction, image_size, image_mode, keep_snapshots, ...) are set in that file.")
+        description="Train an embedding model. With no flags: the built-in digits, global mining with class "
+                    "batches (recipe class-batches), well under a minute on a laptop CPU. Every option can also "
+                    "come from --config FILE (TOML: common options at the top level, recipe = NAME and a [NAME] "
+                    "section for its settings); flags given here override the file. Options without a flag "
+                    "(weight_decay, semihard_fallback, warmup_strategy, eval_class_fraction, eval_sample_fraction, "
+                    "image_size, image_mode, keep_snapshots, ...) are set in that file.")
     _data_args(t)
     t.add_argument("--model", metavar="MODULE:ATTR", help="your own nn.Module factory (called with input_shape "
                    "and embedding_dim if it accepts them); default: a small CNN for images, an MLP for vectors")
     t.add_argument("--loss", choices=LOSSES)
+    _recipe_args(t)
+    _mining_args(t)
     _selfsup_args(t)
-    t.add_argument("--mining", choices=MINING_MODES, help="global: mine each refresh's snapshot (default); "
-                   "in-batch: batch-hard or semi-hard inside each batch; random: random triplets/pairs")
-    t.add_argument("--strategy", choices=sorted(set(GLOBAL_STRATEGIES + INBATCH_STRATEGIES)),
-                   help=f"global: {'|'.join(GLOBAL_STRATEGIES)}; in-batch: {'|'.join(INBATCH_STRATEGIES)} "
-                        "(default semihard for both)")
-    t.add_argument("--warmup", choices=("random", "in-batch"), help="what trains before the first snapshot")
+    _run_args(t)
+    t.set_defaults(func=cmd_train)
+    _eval_parser(sub)
+
+
+def _recipe_args(t: argparse.ArgumentParser) -> None:
+    t.add_argument("--recipe", choices=tuple(SETTINGS), help="what each epoch trains on: class-batches (default: "
+                   "batches of confusable classes from each snapshot), mined-tuples (the miner's triplets from each "
+                   "snapshot), in-batch, random-tuples, simclr (self-supervised)")
+    t.add_argument("--mining", choices=MINING_MODES, help="the first release's choice, still accepted: global "
+                   "(recipe class-batches, or mined-tuples with --global-batches tuples), in-batch (recipe "
+                   "in-batch), random (recipe random-tuples)")
+    t.add_argument("--global-batches", choices=GLOBAL_BATCHES,
+                   help="with --mining global: classes (recipe class-batches) or tuples (recipe mined-tuples)")
+    t.add_argument("--warmup", choices=WARMUPS, help="what trains before the first snapshot")
     t.add_argument("--warmup-epochs", type=int)
     t.add_argument("--refresh-every", type=int, metavar="N", help="epochs between snapshots (and mining)")
     t.add_argument("--epochs", type=int)
+    t.add_argument("--batching", choices=BATCHINGS,
+                   help="item batches of in-batch mining and warm-up: random, or pk (P classes x K items)")
+    t.add_argument("--per-class", type=int, metavar="K", help="pk and class batches: items of each class per batch")
+    t.add_argument("--inbatch-strategy", choices=INBATCH_STRATEGIES,
+                   help="class-batches and mined-tuples: the in-batch miner of class batches and of mixed batches")
+    t.add_argument("--inbatch-mix", type=float, metavar="WEIGHT",
+                   help="mined-tuples: add WEIGHT x the in-batch loss over each batch of mined triplets' items")
+
+
+def _mining_args(t: argparse.ArgumentParser) -> None:
+    t.add_argument("--strategy", choices=sorted(set(STRATEGIES + INBATCH_STRATEGIES)),
+                   help=f"mined-tuples: {'|'.join(STRATEGIES)}; in-batch: {'|'.join(INBATCH_STRATEGIES)} "
+                        "(default semihard for both)")
     t.add_argument("--per-anchor", type=int, help="mined triplets per anchor")
     t.add_argument("--positive", choices=POSITIVES)
     t.add_argument("--positive-aware", type=float, metavar="FRACTION",
@@ -59,16 +84,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--window-skip", type=int, help="window strategy: nearest negatives skipped")
     t.add_argument("--window-width", type=int, help="window strategy: negatives sampled from after the skip")
     t.add_argument("--candidates", type=int, help="nearest wrong-label neighbours searched per anchor")
-    t.add_argument("--global-batches", choices=GLOBAL_BATCHES,
-                   help="global mining: train on the mined tuples, or on batches of a class and its nearest "
-                        "classes in the snapshot, mined in-batch")
-    t.add_argument("--batching", choices=BATCHINGS,
-                   help="item batches of in-batch mining and warm-up: random, or pk (P classes x K items)")
-    t.add_argument("--per-class", type=int, metavar="K", help="pk and class batches: items of each class per batch")
-    t.add_argument("--inbatch-strategy", choices=INBATCH_STRATEGIES,
-                   help="global mining: the in-batch miner of class batches and of mixed tuple batches")
-    t.add_argument("--inbatch-mix", type=float, metavar="WEIGHT",
-                   help="global tuples: add WEIGHT x the in-batch loss over each batch of mined triplets' items")
+
+
+def _run_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--margin", type=float, help="margin m in squared-distance units")
     t.add_argument("--embedding-dim", type=int)
     t.add_argument("--lr", type=float)
@@ -85,8 +103,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --run-dir: continue the run there if it has a last.pt, else start it (for a trainer "
                         "that a supervisor restarts with the same command; the options must match that run's, "
                         "except --epochs and --device)")
-    t.set_defaults(func=cmd_train)
 
+
+def _eval_parser(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="retrieval metrics of a training checkpoint",
                        description="Print P@1, Recall@K, R-Precision and MAP@R of a checkpoint's model on the "
                                    "evaluation split of its run's data, or of --data.")
@@ -107,12 +126,12 @@ def _data_args(p: argparse.ArgumentParser, suppress: bool = False) -> None:
 
 
 def _selfsup_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("self-supervised mode", "SimCLR: two augmented views of an image are a positive "
+    g = p.add_argument_group("recipe simclr (self-supervised)", "SimCLR: two augmented views of an image are a positive "
                              "pair, the batch's other images are negatives, and no training label is read. The "
                              "augmentation strengths (aug_crop_min_scale, aug_crop_max_ratio, aug_brightness, "
                              "aug_contrast, aug_noise) are set in --config FILE.")
-    g.add_argument("--mode", choices=MODES, help="supervised (default): labels give positives and negatives; "
-                   "self-supervised: augmented views of images, NT-Xent loss")
+    g.add_argument("--mode", choices=MODES, help="the first release's choice, still accepted: self-supervised is "
+                   "recipe simclr (augmented views of images, NT-Xent loss)")
     g.add_argument("--temperature", type=float, help="NT-Xent temperature (default 0.5)")
     g.add_argument("--ssl-negatives", choices=SSL_NEGATIVES, help="mined (default): each refresh's snapshot gives "
                    "every image its nearest other images, and batches are composed so that they meet; in-batch: "
@@ -159,8 +178,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             # only along its size-1 dimension (the same memory layout): nothing to act on.
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         summary, epochs = _train(dist, resume, given, cfg)
-    if not dist.is_main:
-        return 0
+    if dist.is_main:
+        _report(summary, epochs)
+    return 0
+
+
+def _report(summary: RunSummary, epochs: int) -> None:
     print(f"\nfinished {epochs} epochs; newest snapshot {summary.snapshot} in {summary.store}")
     print(f"{'metric':<12} {'untrained':>9} {'final':>9} {'best':>9}")
     for key, label in _REPORTED:
@@ -170,7 +193,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"run folder: {summary.run_dir}  (metrics.jsonl, last.pt, best.pt)")
     print(f"snapshot store: {summary.store}")
     print(f"plot: {summary.plot}")
-    return 0
 
 
 def _train(dist: DistContext, resume: Path | None, given: dict[str, Any],

@@ -1,42 +1,38 @@
-"""The trainer's configuration: one typed dataclass, filled from a TOML file and CLI flags.
+"""The trainer's configuration: the options every run has, plus the chosen recipe's own settings.
 
-Precedence, lowest first: the defaults below, then ``--config FILE`` (TOML, flat keys named like the
-fields; dashes and underscores both accepted), then the flags given on the command line. The result is
-validated as a whole (:meth:`TrainConfig.validate`) before any data is loaded, and saved in every
-checkpoint and snapshot manifest (:meth:`TrainConfig.to_dict`).
+Precedence, lowest first: the defaults below, then ``--config FILE`` (TOML), then the flags given on the
+command line. A TOML file holds the common options at the top level (dashes and underscores both accepted),
+``recipe = "NAME"`` and a section for that recipe (``[mined-tuples]``, with ``[mined-tuples.miner]`` for its
+miner); the flat keys of the first release (``strategy``, ``ssl_skip``, ``aug_flip``, ``mining``, ``mode``,
+``global_batches``) are still read and routed to the recipe that takes them, and a key the chosen recipe does
+not take is refused with the name of the recipe that does. The result is validated as a whole before any
+data is loaded and saved in every checkpoint and snapshot manifest (:meth:`TrainConfig.to_dict`).
+
+Nothing here imports torch: ``hardneg`` commands that need no model start without it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 from hardneg.miner.errors import ValidationError
-from hardneg.trainer.augment import AugmentConfig
+from hardneg.miner.index import INDEX_KINDS
+from hardneg.trainer.recipes.settings import SETTINGS, ClassBatchesSettings, RecipeSettings, at_least, choice
 
 PROTOCOLS = ("heldout-classes", "heldout-samples")
-LOSSES = ("triplet", "contrastive")
-MINING_MODES = ("global", "in-batch", "random")
-GLOBAL_STRATEGIES = ("hardest", "semihard", "window", "distance-weighted")
-INBATCH_STRATEGIES = ("batch-hard", "semihard")
-BATCHINGS = ("random", "pk")
-GLOBAL_BATCHES = ("tuples", "classes")
-WARMUPS = ("random", "in-batch")
-POSITIVES = ("random", "hardest")
-FALLBACKS = ("hardest", "skip")
-INDEX_KINDS = ("flat", "ivf", "hnsw")
+LOSSES = ("triplet", "contrastive")  # hardneg.trainer.losses.LOSSES (a test keeps the two equal)
 DEVICES = ("cpu", "cuda")
 IMAGE_MODES = ("L", "RGB")
+# The first release chose the recipe with `mode`, `mining` and `global_batches`; they are still accepted.
+LEGACY_SELECTORS = ("mode", "mining", "global_batches")
+MINING_MODES = ("global", "in-batch", "random")
 MODES = ("supervised", "self-supervised")
-SSL_NEGATIVES = ("mined", "in-batch")
-
-# The strategy each mining mode uses when --strategy is not given.
-DEFAULT_STRATEGY = {"global": "semihard", "in-batch": "semihard", "random": None}
+GLOBAL_BATCHES = ("tuples", "classes")
 
 
 @dataclass
@@ -59,31 +55,12 @@ class TrainConfig:
     loss: str = "triplet"
     margin: float = 0.2  # in d² units; embeddings are unit vectors, so d² lies in [0, 4]
     epochs: int = 12  # the untrained-to-trained gain on digits is clear by then and the run stays under a minute
-    batch_size: int = 128  # triplets/pairs per step (items per step for in-batch mining)
+    batch_size: int = 128  # tuples per step (items per step for batches of items)
     lr: float = 1e-3  # Adam's usual default; small CNN, no schedule needed
     weight_decay: float = 0.0
-    # ---- mining
-    mining: str = "global"  # global (snapshot + miner) | in-batch | random
-    strategy: str | None = None  # None: semihard for both; hardest collapses early (FaceNet; here MAP@R 0.68 vs 0.93)
-    warmup: str = "in-batch"  # before the first snapshot: in-batch mining learns ~3x more per second than random tuples
-    warmup_strategy: str = "semihard"  # the in-batch miner when warmup is "in-batch"
+    # ---- snapshots: the loop publishes one before epoch warmup_epochs + 1, then every refresh_every epochs
     warmup_epochs: int = 1  # a snapshot of an untrained model mines little more than noise
     refresh_every: int = 4  # epochs between snapshots; 1 costs +45% time for no gain, 8 scores the same as 4
-    per_anchor: int = 1
-    positive: str = "random"
-    semihard_fallback: str = "hardest"  # anchors with no semi-hard negative still train
-    window_skip: int = 0
-    window_width: int = 32
-    dw_cutoff: float = 0.5  # distance-weighted sampling (Wu et al. 2017), in Euclidean units
-    dw_nonzero_loss_cutoff: float = 1.4
-    positive_aware: float | None = None  # NV-Retriever TopK-PercPos: drop negatives with sim > this x positive's
-    near_duplicate: float | None = None  # drop negatives within this d² of the anchor
-    candidates: int = 64  # nearest wrong-label neighbours searched per anchor
-    global_batches: str = "classes"  # global: confusable-class batches (MAP@R per second: see docs/benchmarks.md)
-    batching: str = "pk"  # in-batch mining's batches: pk (P classes x K items) | random (few positives per anchor)
-    per_class: int = 4  # pk and class batches: K items of each class (Hermans et al. 2017's K)
-    inbatch_strategy: str = "semihard"  # global: in-batch miner of class batches (batch-hard there: unstable)
-    inbatch_mix: float = 0.0  # global tuples: weight of in-batch terms over each batch's items, added to its loss
     index: str = "flat"  # exact search: the training set is small and snapshots are rebuilt often
     # ---- run
     seed: int = 0
@@ -92,146 +69,113 @@ class TrainConfig:
     run_dir: str | None = None  # None: runs/<timestamp>
     keep_snapshots: int = 5
     eval_batch_size: int = 1024  # embedding only, no graph: large batches are cheap
-    # ---- self-supervised mode (hardneg.trainer.selfsup): two augmented views are a positive; labels unread
-    mode: str = "supervised"  # supervised | self-supervised
-    temperature: float = 0.5  # NT-Xent; on digits 0.1 and 0.2 peak early, then fall (docs/benchmarks.md)
-    ssl_negatives: str = "mined"  # mined: batches composed from each refresh's snapshot | in-batch: plain SimCLR
-    ssl_per_anchor: int = 1  # mined negatives that join each seed image in its batch
-    ssl_candidates: int = 64  # nearest neighbours per image (after the skip) a seed's negatives come from
-    ssl_skip: int = 128  # never-used nearest: ~one digit class; same-digit share of the mined 18%, 86% at skip 16
-    ssl_max_similarity: float | None = None  # drop candidates whose cosine similarity is above this
-    ssl_near_duplicate: float | None = None  # drop candidates within this d² of the image
-    aug_crop_min_scale: float = AugmentConfig.crop_min_scale  # smallest crop, as a fraction of the image's area
-    aug_crop_max_ratio: float = AugmentConfig.crop_max_ratio  # crop aspect ratios in [1/r, r]
-    aug_flip: float = AugmentConfig.flip  # horizontal-flip probability; flips lowered MAP@R on digits
-    aug_brightness: float = AugmentConfig.brightness  # additive shift in [-b, b]
-    aug_contrast: float = AugmentConfig.contrast  # contrast factor in [1 - c, 1 + c]
-    aug_noise: float = AugmentConfig.noise  # Gaussian noise's standard deviation
+    # ---- the training recipe (hardneg.trainer.recipes) and its settings; class batches: the best MAP@R per
+    # training second in bench/quality.py (docs/benchmarks.md, "Mining quality")
+    recipe: RecipeSettings = field(default_factory=ClassBatchesSettings)
 
     # ------------------------------------------------------------ building
     @classmethod
     def from_sources(cls, toml_path: str | os.PathLike | None = None,
                      overrides: Mapping[str, Any] | None = None) -> TrainConfig:
         """Defaults, then the TOML file at ``toml_path``, then ``overrides`` (CLI flags given); validated."""
-        values: dict[str, Any] = {}
-        if toml_path is not None:
-            values.update(read_toml(toml_path))
-        values.update(_normalise_keys(overrides or {}, "on the command line"))
-        return cls.from_dict(values)
+        values: dict[str, Any] = read_toml(toml_path) if toml_path is not None else {}
+        flags = _normalise(overrides or {})
+        if "recipe" in flags or any(k in flags for k in LEGACY_SELECTORS):
+            # a recipe chosen on the command line replaces the file's choice (and its section, if for another)
+            for key in ("recipe", *LEGACY_SELECTORS):
+                values.pop(key, None)
+        values = _merge(values, flags)
+        return cls.from_dict(values, where=f"in {toml_path} or on the command line" if toml_path else
+                             "on the command line")
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
-        """Build from a mapping of field names to values (checked by type), then validate."""
-        values = _normalise_keys(values, "in the config")
+    def from_dict(cls, values: Mapping[str, Any], where: str = "in the config") -> TrainConfig:
+        """Build from common options, ``recipe`` (a name) and that recipe's section, or flat keys; validated."""
+        common, settings = _split(_normalise(values), where)
         hints = get_type_hints(cls)
-        kwargs = {name: _coerce(name, value, hints[name]) for name, value in values.items()}
-        cfg = cls(**kwargs)
+        kwargs = {name: _coerce(name, value, hints[name]) for name, value in common.items()}
+        cfg = cls(**kwargs, recipe=settings)
         cfg.validate()
         return cfg
 
+    @classmethod
+    def from_stored(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """The config saved in a checkpoint or manifest, also one written before recipes existed.
+
+        The first release saved every option flat, including those its mode ignored; those are dropped here,
+        as that release dropped them.
+        """
+        if "recipe" in values:
+            return cls.from_dict(values)
+        settings_cls = SETTINGS[_legacy_recipe(values, "in the stored config")]
+        routed = settings_cls.flat_names()
+        names = {f.name for f in fields(cls)}
+        # `strategy` None meant the mode's default strategy
+        kept = {k: v for k, v in values.items() if (k in names or k in routed) and not (k == "strategy" and v is None)}
+        return cls.from_dict({**kept, "recipe": settings_cls.name})
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (for manifests, checkpoints and metrics)."""
-        return dataclasses.asdict(self)
+        """Plain JSON-able dict (for manifests, checkpoints and metrics): common options, ``recipe`` and its section."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "recipe"}
+        return {**out, "recipe": self.recipe.name, self.recipe.name: self.recipe.to_dict()}
+
+    def with_changes(self, changes: Mapping[str, Any]) -> tuple[TrainConfig, list[str]]:
+        """This config with ``changes`` applied (flags, flat keys or a whole :meth:`to_dict`), and the names of
+        the options whose values differ (``recipe`` when another recipe is chosen)."""
+        values = _normalise(changes)
+        if "recipe" in values or any(k in values for k in LEGACY_SELECTORS):
+            if _chosen_recipe(values, "in the changes") != self.recipe.name:
+                return self, ["recipe"]
+        new = TrainConfig.from_dict(_merge(self.to_dict(), values))
+        before, after = _flatten(self.to_dict()), _flatten(new.to_dict())
+        return new, sorted(k for k in after if after[k] != before.get(k))
 
     def replace(self, **changes: Any) -> TrainConfig:
-        """A validated copy with ``changes`` applied."""
-        return TrainConfig.from_dict({**self.to_dict(), **changes})
+        """A validated copy with common options ``changes`` applied."""
+        return dataclasses.replace(self, **changes).validated()
+
+    def validated(self) -> TrainConfig:
+        self.validate()
+        return self
 
     # ----------------------------------------------------------- validation
-    @property
-    def resolved_strategy(self) -> str | None:
-        """The strategy actually used: ``strategy`` or the mining mode's default."""
-        return self.strategy if self.strategy is not None else DEFAULT_STRATEGY[self.mining]
-
     def validate(self) -> None:
-        """Raise :class:`ValidationError` naming the first impossible field and what it accepts."""
-        _choice("protocol", self.protocol, PROTOCOLS)
-        _choice("loss", self.loss, LOSSES)
-        _choice("mining", self.mining, MINING_MODES)
-        _choice("warmup", self.warmup, WARMUPS)
-        _choice("warmup_strategy", self.warmup_strategy, INBATCH_STRATEGIES)
-        _choice("positive", self.positive, POSITIVES)
-        _choice("semihard_fallback", self.semihard_fallback, FALLBACKS)
-        _choice("index", self.index, INDEX_KINDS)
-        _choice("batching", self.batching, BATCHINGS)
-        _choice("global_batches", self.global_batches, GLOBAL_BATCHES)
-        _choice("inbatch_strategy", self.inbatch_strategy, INBATCH_STRATEGIES)
-        _choice("device", self.device, DEVICES)
-        _choice("image_mode", self.image_mode, IMAGE_MODES)
-        self._validate_selfsup()
-        if self.strategy is not None:
-            if self.mining == "random":
-                raise ValidationError(f"strategy {self.strategy!r} has no meaning with mining 'random'; "
-                                      f"leave strategy unset or use mining 'global' or 'in-batch'")
-            accepted = GLOBAL_STRATEGIES if self.mining == "global" else INBATCH_STRATEGIES
-            _choice("strategy", self.strategy, accepted, f" with mining {self.mining!r}")
-        for name in ("epochs", "batch_size", "embedding_dim", "hidden_dim", "refresh_every", "per_anchor",
-                     "window_width", "candidates", "keep_snapshots", "eval_batch_size", "image_size"):
-            _at_least(name, getattr(self, name), 1)
-        for name in ("warmup_epochs", "window_skip", "seed"):
-            _at_least(name, getattr(self, name), 0)
-        if self.warmup_epochs >= self.epochs and self.mining == "global" and self.mode == "supervised":
-            raise ValidationError(f"warmup_epochs ({self.warmup_epochs}) must be below epochs ({self.epochs}) with "
-                                  f"mining 'global', or no epoch would train on mined triplets")
-        _positive("lr", self.lr)
-        _positive("margin", self.margin)
-        _positive("dw_cutoff", self.dw_cutoff)
-        _positive("dw_nonzero_loss_cutoff", self.dw_nonzero_loss_cutoff)
-        if self.weight_decay < 0:
-            raise ValidationError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        for name in ("eval_class_fraction", "eval_sample_fraction"):
-            v = getattr(self, name)
-            if not 0.0 < v < 1.0:
-                raise ValidationError(f"{name} must lie strictly between 0 and 1, got {v}")
-        if self.positive_aware is not None and not 0.0 < self.positive_aware <= 1.0:
-            raise ValidationError(f"positive_aware must lie in (0, 1] (a fraction of the positive's similarity), "
-                                  f"got {self.positive_aware}")
-        if self.near_duplicate is not None and self.near_duplicate < 0:
-            raise ValidationError(f"near_duplicate must be a d² threshold >= 0, got {self.near_duplicate}")
+        """Raise :class:`ValidationError` naming the first impossible option and what it accepts."""
+        choice("protocol", self.protocol, PROTOCOLS)
+        choice("loss", self.loss, LOSSES)
+        choice("index", self.index, INDEX_KINDS)
+        choice("device", self.device, DEVICES)
+        choice("image_mode", self.image_mode, IMAGE_MODES)
+        for name in ("epochs", "batch_size", "embedding_dim", "hidden_dim", "refresh_every", "keep_snapshots",
+                     "eval_batch_size", "image_size"):
+            at_least(name, getattr(self, name), 1)
+        for name in ("warmup_epochs", "seed"):
+            at_least(name, getattr(self, name), 0)
+        self._validate_numbers()
         for name in ("data", "store"):
             if not getattr(self, name):
                 raise ValidationError(f"{name} must not be empty")
-        self._validate_batching()
+        self._validate_schedule()
+        self.recipe.validate(self.batch_size)
 
-    def _validate_batching(self) -> None:
-        _at_least("per_class", self.per_class, 2)
-        if self.mode != "supervised":
-            return  # labels are not read: no class batches, no triplet miner
-        class_batches = self.batching == "pk" or (self.mining == "global" and self.global_batches == "classes")
-        if class_batches and self.batch_size < 2 * self.per_class:
-            raise ValidationError(f"batch_size ({self.batch_size}) must hold at least 2 classes of per_class "
-                                  f"({self.per_class}) items for class batches (batching 'pk' or global_batches "
-                                  f"'classes'); accepted: batch_size >= {2 * self.per_class}")
-        if not (math.isfinite(self.inbatch_mix) and self.inbatch_mix >= 0):
-            raise ValidationError(f"inbatch_mix must be a finite number >= 0, got {self.inbatch_mix}")
-        if self.inbatch_mix > 0 and (self.mining != "global" or self.global_batches != "tuples"):
-            raise ValidationError("inbatch_mix adds in-batch terms to batches of mined tuples, so it needs mining "
-                                  "'global' with global_batches 'tuples' (class batches are all in-batch already); "
-                                  "set inbatch_mix = 0 otherwise")
-        if self.mining == "global" and self.global_batches == "classes":
-            given = [n for n in ("strategy", "positive_aware", "near_duplicate") if getattr(self, n) is not None]
-            if given:
-                raise ValidationError(f"{', '.join(given)} configure the triplet miner, which global_batches "
-                                      f"'classes' does not run; set global_batches = 'tuples' (--global-batches "
-                                      f"tuples) to train on mined triplets, or leave {', '.join(given)} unset")
+    def _validate_numbers(self) -> None:
+        for name in ("lr", "margin"):
+            if not getattr(self, name) > 0:
+                raise ValidationError(f"{name} must be a number > 0, got {getattr(self, name)}")
+        if self.weight_decay < 0:
+            raise ValidationError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("eval_class_fraction", "eval_sample_fraction"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValidationError(f"{name} must lie strictly between 0 and 1, got {getattr(self, name)}")
 
-    def _validate_selfsup(self) -> None:
-        _choice("mode", self.mode, MODES)
-        _choice("ssl_negatives", self.ssl_negatives, SSL_NEGATIVES)
-        _positive("temperature", self.temperature)
-        _at_least("ssl_per_anchor", self.ssl_per_anchor, 1)
-        if self.mode == "self-supervised" and self.batch_size < max(2, self.ssl_per_anchor + 1):
-            raise ValidationError(f"batch_size ({self.batch_size}) must hold a seed image and its ssl_per_anchor "
-                                  f"({self.ssl_per_anchor}) negatives in self-supervised mode; accepted: "
-                                  f"batch_size >= {max(2, self.ssl_per_anchor + 1)}")
-        # the strengths and the mining guards are checked where they are used
-        from hardneg.trainer.selfsup import SelfSupervised  # imports this module, so imported when first needed
-
-        SelfSupervised(self)
+    def _validate_schedule(self) -> None:
+        if self.recipe.needs_snapshot and self.warmup_epochs >= self.epochs:
+            raise ValidationError(f"warmup_epochs ({self.warmup_epochs}) must be below epochs ({self.epochs}) with "
+                                  f"recipe {self.recipe.name!r}, or no epoch would train on the snapshot's batches")
 
     # ----------------------------------------------------------- schedule
     def is_refresh_epoch(self, epoch: int) -> bool:
-        """True when a snapshot is published (and, for global mining, mined) before training ``epoch`` (1-based).
+        """True when a snapshot is published (and the recipe refreshed from it) before training ``epoch`` (1-based).
 
         The first refresh comes right after the warm-up; then one every ``refresh_every`` epochs.
         """
@@ -239,9 +183,106 @@ class TrainConfig:
         return k >= 0 and k % self.refresh_every == 0
 
 
+# ------------------------------------------------------------------ recipes
+def _legacy_recipe(values: Mapping[str, Any], where: str) -> str:
+    """The recipe the first release's ``mode``, ``mining`` and ``global_batches`` choose."""
+    mode, mining = values.get("mode", "supervised"), values.get("mining", "global")
+    choice("mode", mode, MODES)
+    if mode == "self-supervised":
+        return "simclr"
+    choice("mining", mining, MINING_MODES)
+    if mining != "global":
+        return {"in-batch": "in-batch", "random": "random-tuples"}[mining]
+    batches = values.get("global_batches", "classes")
+    choice("global_batches", batches, GLOBAL_BATCHES)
+    return "class-batches" if batches == "classes" else "mined-tuples"
+
+
+def _chosen_recipe(values: dict[str, Any], where: str) -> str:
+    legacy = {k: values.pop(k) for k in LEGACY_SELECTORS if k in values}
+    name = values.pop("recipe", None)
+    if name is None:
+        return _legacy_recipe(legacy, where)
+    choice("recipe", name, tuple(SETTINGS))
+    if legacy and _legacy_recipe(legacy, where) != name:
+        given = ", ".join(f"{k} {v!r}" for k, v in legacy.items())
+        raise ValidationError(f"{given} {where} choose recipe {_legacy_recipe(legacy, where)!r}, but recipe "
+                              f"{name!r} is set too; give only recipe (--recipe)")
+    return name
+
+
+def _split(values: dict[str, Any], where: str) -> tuple[dict[str, Any], RecipeSettings]:
+    """Common options, and the chosen recipe's settings built from its section and the flat keys."""
+    name = _chosen_recipe(values, where)
+    settings_cls = SETTINGS[name]
+    section = values.pop(name, None) or {}
+    if not isinstance(section, Mapping):
+        raise ValidationError(f"{name} {where} must be a table of the recipe's settings, got {section!r}")
+    common_names = {f.name for f in fields(TrainConfig)} - {"recipe"}
+    nested = _normalise(section)
+    for key in [k for k in values if k not in common_names]:
+        path = _route(key, name, where)
+        _set_path(nested, path, values.pop(key))
+    return values, _build_settings(settings_cls, nested, where)
+
+
+def _route(key: str, recipe: str, where: str) -> tuple[str, ...]:
+    """Where the flat option ``key`` goes in ``recipe``'s settings, or a ValidationError naming who takes it."""
+    routes = SETTINGS[recipe].flat_names()
+    if key in routes:
+        return routes[key]
+    if key in SETTINGS:
+        raise ValidationError(f"a [{key}] section {where} sets recipe {key!r}, not the chosen recipe {recipe!r}; "
+                              f"remove it or choose that recipe (recipe = {key!r}, --recipe {key})")
+    takers = [n for n, s in SETTINGS.items() if key in s.flat_names() or key == n]
+    if takers:
+        raise ValidationError(f"{key!r} {where} is an option of recipe {' and '.join(repr(t) for t in takers)}, "
+                              f"not of the chosen recipe {recipe!r}; choose that recipe (--recipe) or leave "
+                              f"{key} unset")
+    accepted = sorted({f.name for f in fields(TrainConfig)} | set(routes) | {"recipe"})
+    raise ValidationError(f"unknown option {key!r} {where}; accepted with recipe {recipe!r}: {', '.join(accepted)}")
+
+
+def _set_path(nested: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for part in path[:-1]:
+        nested = nested.setdefault(part, {})
+    nested[path[-1]] = value
+
+
+def _build_settings(settings_cls: type[RecipeSettings], values: Mapping[str, Any], where: str) -> RecipeSettings:
+    """``settings_cls`` from its section (nested tables for its nested dataclasses), each value type-checked."""
+    hints = get_type_hints(settings_cls)
+    own = {f.name: f for f in fields(settings_cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in own:
+            raise ValidationError(f"unknown option {key!r} of recipe {settings_cls.name!r} {where}; accepted: "
+                                  f"{', '.join(sorted(own))}")
+        if key in settings_cls.nested_prefix:
+            kwargs[key] = _build_nested(own[key], key, value, settings_cls.name, where)
+        else:
+            kwargs[key] = _coerce(key, value, hints[key])
+    return settings_cls(**kwargs)
+
+
+def _build_nested(f: dataclasses.Field, key: str, value: Any, recipe: str, where: str) -> Any:
+    default = f.default_factory()  # type: ignore[misc]
+    if isinstance(value, type(default)):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValidationError(f"{recipe}.{key} {where} must be a table, got {value!r}")
+    accepted = {g.name for g in fields(default)} - {"margin", "seed"}
+    unknown = sorted(set(value) - accepted)
+    if unknown:
+        raise ValidationError(f"unknown option {unknown[0]!r} in {recipe}.{key} {where}; accepted: "
+                              f"{', '.join(sorted(accepted))} (margin and seed are common options)")
+    hints = get_type_hints(type(default))
+    return dataclasses.replace(default, **{k: _coerce(k, v, hints[k]) for k, v in value.items()})
+
+
 # ------------------------------------------------------------------ helpers
 def read_toml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a flat TOML config file; a ``[train]`` table is also accepted."""
+    """Read a TOML config file; a ``[train]`` table holding everything is also accepted."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -256,17 +297,35 @@ def read_toml(path: str | os.PathLike) -> dict[str, Any]:
         raise ValidationError(f"config file {p} is not valid TOML: {e}") from None
     if set(doc) == {"train"} and isinstance(doc["train"], dict):
         doc = doc["train"]
-    return _normalise_keys(doc, f"in {p}")
+    return _normalise(doc)
 
 
-def _normalise_keys(values: Mapping[str, Any], where: str) -> dict[str, Any]:
-    names = {f.name for f in fields(TrainConfig)}
-    out = {}
+def _normalise(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Keys with underscores (dashes accepted), except recipe names, which keep their dashes."""
+    out: dict[str, Any] = {}
     for key, value in values.items():
-        name = str(key).replace("-", "_")
-        if name not in names:
-            raise ValidationError(f"unknown option {key!r} {where}; accepted: {', '.join(sorted(names))}")
-        out[name] = value
+        key = str(key)
+        name = key if key in SETTINGS else key.replace("-", "_")
+        out[name] = _normalise(value) if isinstance(value, Mapping) else value
+    return out
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` updated with ``over``, tables merged key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
     return out
 
 
@@ -289,18 +348,3 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     if not isinstance(value, str):
         raise ValidationError(f"{name} must be a string, got {value!r}")
     return value
-
-
-def _choice(name: str, value: Any, accepted: tuple, context: str = "") -> None:
-    if value not in accepted:
-        raise ValidationError(f"{name} must be one of {', '.join(accepted)}{context}, got {value!r}")
-
-
-def _at_least(name: str, value: int, low: int) -> None:
-    if value < low:
-        raise ValidationError(f"{name} must be an integer >= {low}, got {value}")
-
-
-def _positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValidationError(f"{name} must be a number > 0, got {value}")

@@ -73,7 +73,7 @@ def load_splits(cfg: TrainConfig) -> DataSplits:
     else:
         train, evalset = split_heldout_samples(full, cfg.eval_sample_fraction, cfg.seed)
         how = f"{full.name}, held-out samples: {len(train)} train / {len(evalset)} eval items of the same classes"
-    if cfg.mode == "supervised":  # self-supervised training reads no labels (hardneg.trainer.selfsup)
+    if cfg.recipe.needs_labels:  # self-supervised training reads no labels (recipe "simclr")
         check_trainable(train, "training data")
     check_evaluable(evalset, "evaluation data")
     return DataSplits(train, evalset, f"{how} ({len(train)} train, {len(evalset)} eval items, "

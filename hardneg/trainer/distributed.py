@@ -1,6 +1,6 @@
 """Distributed training under ``torchrun``: the process group, this process's place in it, sharding, collectives.
 
-PyTorch's own engine does the work (DESIGN.md section 4, "Scale"): ``torchrun`` starts one process per rank and
+PyTorch's own engine does the work: ``torchrun`` starts one process per rank and
 sets ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` (on several nodes its c10d
 rendezvous does); :func:`process_group` reads them, initialises ``torch.distributed`` with gloo for CPU training
 or NCCL for CUDA, and destroys the group on the way out, also after an error. The model is wrapped in
@@ -298,6 +298,11 @@ def context_from_env(device: str, environ: Mapping[str, str] | None = None) -> D
     if not 0 <= rank < world or local_rank < 0:
         raise ValidationError(f"RANK must lie in [0, {world}) and LOCAL_RANK be >= 0, got RANK={rank}, "
                               f"LOCAL_RANK={local_rank}")
+    return DistContext(rank, world, local_rank, _backend(device, local_rank))
+
+
+def _backend(device: str, local_rank: int) -> str:
+    """NCCL for ``device`` "cuda" (each local rank needs its GPU), gloo for "cpu"; refused when not built in."""
     if device == "cuda":
         if not dist.is_nccl_available():
             raise ValidationError("device 'cuda' trains with the NCCL backend, which this torch build lacks; "
@@ -305,10 +310,10 @@ def context_from_env(device: str, environ: Mapping[str, str] | None = None) -> D
         if local_rank >= torch.cuda.device_count():
             raise ValidationError(f"LOCAL_RANK {local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
                                   f"start at most that many processes per node (--nproc-per-node)")
-        return DistContext(rank, world, local_rank, "nccl")
+        return "nccl"
     if not dist.is_gloo_available():
         raise ValidationError("device 'cpu' trains with the gloo backend, which this torch build lacks")
-    return DistContext(rank, world, local_rank, "gloo")
+    return "gloo"
 
 
 def _env_int(env: Mapping[str, str], name: str, default: int | None = None) -> int:

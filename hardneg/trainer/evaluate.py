@@ -46,7 +46,7 @@ def evaluate_checkpoint(path: str | os.PathLike, changes: Mapping[str, Any] | No
     if unknown:
         raise ValidationError(f"eval cannot change {', '.join(unknown)}; accepted: {', '.join(EVAL_OPTIONS)}")
     ckpt = load_checkpoint(path)
-    cfg = TrainConfig.from_dict({**ckpt["config"], **changes})
+    cfg = TrainConfig.from_stored(ckpt["config"]).replace(**changes)
     if "data" in changes and "eval_data" not in changes:
         cfg = cfg.replace(eval_data=None)  # new data: split it by the protocol, not the run's old eval set
     splits = load_splits(cfg)

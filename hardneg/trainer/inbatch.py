@@ -8,20 +8,39 @@
 
 Miners look at detached embeddings and return indices into the batch; the loss is then computed on the
 embeddings with gradients. Distances are squared Euclidean, like every margin in hardneg.
+
+Miners are registered by name in :data:`MINERS` (a new one: a class here and its name in
+``hardneg.trainer.recipes.settings.INBATCH_STRATEGIES``); any callable ``(embeddings, labels) -> (a, p, n)``
+can also be handed to a recipe as an object (``bench/quality.py`` does that with pytorch-metric-learning's).
 """
 
 from __future__ import annotations
 
+from typing import ClassVar, Protocol
+
 import torch
 
 from hardneg.miner.errors import ValidationError
-from hardneg.trainer.config import INBATCH_STRATEGIES
 
 Triplets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+class TripletMiner(Protocol):
+    """What a recipe mines a batch with: ``(embeddings (B, D), labels (B,)) -> (anchor, positive, negative)``,
+    index tensors (T,) into the batch."""
+
+    def __call__(self, embeddings: torch.Tensor, labels: torch.Tensor) -> Triplets: ...
+
+
 class InBatchMiner:
     """Base class: validates inputs, computes the batch's (B, B) squared distances, defers the choice."""
+
+    name: ClassVar[str] = ""
+
+    @classmethod
+    def create(cls, margin: float) -> InBatchMiner:
+        """The miner for a run with triplet ``margin`` (used by the miners that need it)."""
+        return cls()
 
     def __call__(self, embeddings: torch.Tensor, labels: torch.Tensor) -> Triplets:
         """Mine ``embeddings`` (B, D) with ``labels`` (B,); returns (anchor, positive, negative) index tensors (T,)."""
@@ -43,6 +62,8 @@ class InBatchMiner:
 class BatchHardMiner(InBatchMiner):
     """Each anchor with a positive and a negative in the batch: hardest positive, hardest negative."""
 
+    name = "batch-hard"
+
     def mine(self, d2: torch.Tensor, pos_mask: torch.Tensor, neg_mask: torch.Tensor) -> Triplets:
         valid = pos_mask.any(1) & neg_mask.any(1)
         positive = d2.masked_fill(~pos_mask, float("-inf")).argmax(1)
@@ -53,6 +74,12 @@ class BatchHardMiner(InBatchMiner):
 
 class SemiHardMiner(InBatchMiner):
     """Every anchor-positive pair with its nearest semi-hard negative, ``d_ap < d_an < d_ap + margin``."""
+
+    name = "semihard"
+
+    @classmethod
+    def create(cls, margin: float) -> InBatchMiner:
+        return cls(margin)
 
     def __init__(self, margin: float) -> None:
         if not margin > 0:
@@ -69,10 +96,11 @@ class SemiHardMiner(InBatchMiner):
         return anchor[keep], positive[keep], negative[keep]
 
 
+MINERS: dict[str, type[InBatchMiner]] = {c.name: c for c in (BatchHardMiner, SemiHardMiner)}
+
+
 def make_inbatch_miner(strategy: str, margin: float) -> InBatchMiner:
-    """The in-batch miner named ``strategy`` (batch-hard or semihard)."""
-    if strategy == "batch-hard":
-        return BatchHardMiner()
-    if strategy == "semihard":
-        return SemiHardMiner(margin)
-    raise ValidationError(f"in-batch strategy must be one of {', '.join(INBATCH_STRATEGIES)}, got {strategy!r}")
+    """The registered in-batch miner named ``strategy``."""
+    if strategy not in MINERS:
+        raise ValidationError(f"in-batch strategy must be one of {', '.join(MINERS)}, got {strategy!r}")
+    return MINERS[strategy].create(margin)

@@ -10,15 +10,24 @@ same units the miner and the snapshot store report.
 * NT-Xent (Chen et al. 2020, SimCLR): cross-entropy over temperature-scaled cosine similarities, where the
   positive of each view is the other view of the same item and the other 2N - 2 views are negatives.
 
-Each returns the mean over the batch.
+Each returns the mean over the batch. The tuple losses are also registered in :data:`LOSSES` as
+:class:`TupleLoss` objects: what the recipes call, whatever the loss (a new loss: a class here and its name in
+``hardneg.trainer.config.LOSSES``).
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from hardneg.miner.errors import ValidationError
+
+if TYPE_CHECKING:
+    from hardneg.trainer.tuples import TupleSet
 
 
 def squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -69,6 +78,75 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5,
     logits = logits.masked_fill(self_mask, float("-inf"))
     targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
     return _reduce(F.cross_entropy(logits, targets, reduction="none"), reduction)
+
+
+class TupleLoss(ABC):
+    """A loss over mined tuples and over in-batch triplets, as the recipes use it.
+
+    ``kind`` is the tuple kind it trains on (:mod:`hardneg.trainer.tuples`): ``triplet`` or ``pair``; mined and
+    random triplets are turned into that kind with :meth:`tuples`.
+    """
+
+    name: ClassVar[str]
+    kind: ClassVar[str]
+
+    def __init__(self, margin: float) -> None:
+        if not margin > 0:
+            raise ValidationError(f"margin must be > 0, got {margin}")
+        self.margin = margin
+
+    def tuples(self, t: TupleSet) -> TupleSet:
+        """``t`` as the tuples this loss trains on (triplets become pairs for a pair loss)."""
+        from hardneg.trainer import tuples as tp
+
+        return tp.for_kind(t, self.kind)
+
+    @abstractmethod
+    def tuple_terms(self, emb: torch.Tensor, labels: np.ndarray) -> torch.Tensor:
+        """Terms (m,) of m tuples whose items' embeddings ``emb`` are stacked by role: (3m, D) anchors, positives,
+        negatives, or (2m, D) first and second members; ``labels`` (m,) are a pair batch's y (unused for triplets)."""
+
+    @abstractmethod
+    def triplet_terms(self, emb: torch.Tensor, a: torch.Tensor, p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """Terms of the triplets (a, p, n) (T,) of row indices into ``emb`` (B, D), as this loss trains on them."""
+
+
+class TripletLoss(TupleLoss):
+    """:func:`triplet_loss` per triplet."""
+
+    name, kind = "triplet", "triplet"
+
+    def tuple_terms(self, emb: torch.Tensor, labels: np.ndarray) -> torch.Tensor:
+        a, p, n = emb.chunk(3)
+        return triplet_loss(a, p, n, self.margin, reduction="none")
+
+    def triplet_terms(self, emb: torch.Tensor, a: torch.Tensor, p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        return triplet_loss(emb[a], emb[p], emb[n], self.margin, reduction="none")
+
+
+class ContrastiveLoss(TupleLoss):
+    """:func:`contrastive_loss` per pair; a triplet (a, p, n) trains as the pairs (a, p, 0) and (a, n, 1)."""
+
+    name, kind = "contrastive", "pair"
+
+    def tuple_terms(self, emb: torch.Tensor, labels: np.ndarray) -> torch.Tensor:
+        e1, e2 = emb.chunk(2)
+        return contrastive_loss(e1, e2, torch.from_numpy(labels).to(emb.device), self.margin, reduction="none")
+
+    def triplet_terms(self, emb: torch.Tensor, a: torch.Tensor, p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        first, second = torch.cat([a, a]), torch.cat([p, n])
+        target = torch.cat([torch.zeros_like(a), torch.ones_like(a)])
+        return contrastive_loss(emb[first], emb[second], target, self.margin, reduction="none")
+
+
+LOSSES: dict[str, type[TupleLoss]] = {c.name: c for c in (TripletLoss, ContrastiveLoss)}
+
+
+def make_loss(name: str, margin: float) -> TupleLoss:
+    """The registered loss ``name`` with ``margin``."""
+    if name not in LOSSES:
+        raise ValidationError(f"loss must be one of {', '.join(LOSSES)}, got {name!r}")
+    return LOSSES[name](margin)
 
 
 def _reduce(terms: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -5,6 +5,9 @@ and the loss is NT-Xent (Chen et al. 2020, SimCLR; :func:`hardneg.trainer.losses
 must pick its partner view out of the 2B - 1 other views of the batch, so every other image of the batch is
 a negative.
 
+The training itself is the ``simclr`` recipe (:mod:`hardneg.trainer.recipes.simclr`); this module holds its
+label-free mining and batch composition, plain functions over numpy arrays.
+
 Hard negatives from the index (``ssl_negatives = "mined"``). At each refresh the trainer embeds the training
 set and publishes a snapshot as in supervised mode; :func:`mine_negatives` then searches the embeddings in a
 label-free index (every label 0, so no label can steer the search) for every image's nearest other images,
@@ -43,39 +46,17 @@ time and lead slightly, within the spread, at equal epochs (docs/benchmarks.md, 
 
 from __future__ import annotations
 
-import logging
-import sys
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 import numpy as np
-import torch
-from torch import nn
-from tqdm import tqdm
 
 from hardneg.miner.errors import ValidationError
 from hardneg.miner.index import VectorIndex
+from hardneg.miner.mining.base import first_true
 from hardneg.miner.mining.guards import Candidates, Guard, MaxScoreGuard, NearDuplicateGuard, apply_guards
 from hardneg.miner.mining.search import padded
-from hardneg.trainer.augment import AugmentConfig, augment
-from hardneg.trainer.config import TrainConfig
-from hardneg.trainer.data import ArrayDataset
-from hardneg.trainer.losses import nt_xent_loss
-from hardneg.trainer.refresh import RefreshResult, SnapshotPublisher, embed_items, seed_for
-
-log = logging.getLogger(__name__)
-
-# Purposes of this mode's per-epoch random streams (hardneg.trainer.refresh.seed_for); the loop uses 0-2.
-_AUGMENT, _BATCHES = 3, 4
-
-
-class TermStats(Protocol):
-    """Where an epoch's per-view loss terms go (the loop's ``EpochStats``)."""
-
-    steps: int
-
-    def add(self, terms: torch.Tensor) -> None: ...
+from hardneg.trainer.recipes.settings import SimCLRSettings
 
 
 # ------------------------------------------------------------------ mining
@@ -88,17 +69,13 @@ class NegativeMining:
     max_similarity: float | None  # cosine ceiling
     near_duplicate: float | None  # d² floor
 
-    def __post_init__(self) -> None:
-        if self.candidates < 1:
-            raise ValidationError(f"ssl_candidates must be an integer >= 1, got {self.candidates}")
-        if self.skip < 0:
-            raise ValidationError(f"ssl_skip must be an integer >= 0, got {self.skip}")
-        if self.max_similarity is not None and not -1.0 < self.max_similarity <= 1.0:
-            raise ValidationError(f"ssl_max_similarity must be a cosine similarity in (-1, 1], got "
-                                  f"{self.max_similarity}")
-        if self.near_duplicate is not None and not 0.0 <= self.near_duplicate < 4.0:
-            raise ValidationError(f"ssl_near_duplicate must be a d² threshold in [0, 4) (unit vectors: d² <= 4), "
-                                  f"got {self.near_duplicate}")
+    def __post_init__(self) -> None:  # the recipe's settings check the same values under these names
+        SimCLRSettings(candidates=self.candidates, skip=self.skip, max_similarity=self.max_similarity,
+                       near_duplicate=self.near_duplicate)
+
+    @classmethod
+    def of(cls, settings: SimCLRSettings) -> NegativeMining:
+        return cls(settings.candidates, settings.skip, settings.max_similarity, settings.near_duplicate)
 
 
 @dataclass(frozen=True)
@@ -148,11 +125,11 @@ def mine_negatives(vectors: np.ndarray, mining: NegativeMining, index: str = "fl
     if mining.max_similarity is not None:
         guards.append(SimilarityCeilingGuard(mining.max_similarity, "cosine"))
     keep, dropped = apply_guards(guards, Candidates(d2, rows, np.zeros(n, np.float32), np.arange(n)), valid)
+    # Kept candidates move left in their order (nearest first), -1 after them.
+    cols = first_true(keep, mining.candidates)
     table = np.full((n, mining.candidates), -1, np.int64)
-    # Kept candidates move left in their order (nearest first); a stable sort on "not kept" does that.
-    order = np.argsort(~keep, axis=1, kind="stable")
-    compact = np.where(np.take_along_axis(keep, order, 1), idx.ids[np.take_along_axis(rows, order, 1)], -1)
-    table[:, :compact.shape[1]] = compact
+    hit = cols >= 0
+    table[hit] = idx.ids[rows[np.nonzero(hit)[0], cols[hit]]]
     kept = keep.sum(1)
     stats = {
         "images": n, "searched": int(found.sum()), "skipped": int(found[:, :mining.skip].sum()),
@@ -164,12 +141,6 @@ def mine_negatives(vectors: np.ndarray, mining: NegativeMining, index: str = "fl
 
 
 # ----------------------------------------------------------------- batches
-def random_batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """A seeded permutation of ``range(n)`` cut into batches of ``batch_size`` (plain SimCLR)."""
-    perm = rng.permutation(n)
-    return [perm[s:s + batch_size] for s in range(0, n, batch_size)]
-
-
 def compose_batches(table: np.ndarray, per_anchor: int, batch_size: int,
                     rng: np.random.Generator) -> list[np.ndarray]:
     """Batches in which each seed image meets up to ``per_anchor`` of its mined negatives.
@@ -210,104 +181,3 @@ def compose_batches(table: np.ndarray, per_anchor: int, batch_size: int,
     if current:
         batches.append(np.asarray(current, np.int64))
     return batches
-
-
-# --------------------------------------------------------------- training
-class SelfSupervised:
-    """The self-supervised part of a :class:`~hardneg.trainer.loop.Trainer` run, configured from ``cfg``."""
-
-    def __init__(self, cfg: TrainConfig) -> None:
-        self.seed = cfg.seed
-        self.batch_size = cfg.batch_size
-        self.temperature = cfg.temperature
-        self.negatives = cfg.ssl_negatives
-        self.per_anchor = cfg.ssl_per_anchor
-        self.index = cfg.index
-        self.augment = AugmentConfig(crop_min_scale=cfg.aug_crop_min_scale, crop_max_ratio=cfg.aug_crop_max_ratio,
-                                     flip=cfg.aug_flip, brightness=cfg.aug_brightness, contrast=cfg.aug_contrast,
-                                     noise=cfg.aug_noise)
-        self.mining = NegativeMining(candidates=cfg.ssl_candidates, skip=cfg.ssl_skip,
-                                     max_similarity=cfg.ssl_max_similarity, near_duplicate=cfg.ssl_near_duplicate)
-
-    @classmethod
-    def for_run(cls, cfg: TrainConfig, train: ArrayDataset) -> SelfSupervised:
-        """The mode for a run on ``train``: images (n, C, H, W) with n >= 2, in a single process."""
-        if not train.is_image:
-            raise ValidationError(f"mode 'self-supervised' augments images (C, H, W), but {train.name} holds items "
-                                  f"of shape {train.input_shape}; use mode 'supervised' for feature vectors")
-        if len(train) < 2:
-            raise ValidationError(f"mode 'self-supervised' needs at least 2 training images (one image has no "
-                                  f"negative), {train.name} has {len(train)}")
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            raise ValidationError("mode 'self-supervised' runs in a single process; start it without torchrun (the "
-                                  "supervised mode trains under torchrun)")
-        return cls(cfg)
-
-    @property
-    def mines(self) -> bool:
-        """True when refreshes mine negatives for the following epochs' batches."""
-        return self.negatives == "mined"
-
-    def refresh(self, model: nn.Module, x: torch.Tensor, labels: np.ndarray, publisher: SnapshotPublisher,
-                meta: Mapping[str, Any], mine: bool) -> tuple[RefreshResult, np.ndarray | None]:
-        """Embed the training images ``x`` (n, C, H, W), publish a snapshot, and mine negatives when ``mine``.
-
-        ``labels`` (n,) only go into the snapshot (for serving and for filtered search); mining searches the
-        embeddings alone. Returns the refresh's result (its ``stats`` are the mining statistics) and the mined
-        ``(n, ssl_candidates)`` table, or ``None`` when nothing was mined.
-        """
-        embeddings = embed_items(model, x, publisher.cfg.eval_batch_size)
-        published = publisher.publish(model, embeddings, labels, meta)
-        if not (mine and self.mines):
-            return RefreshResult(published.name, None, None), None
-        mined = mine_negatives(embeddings, self.mining, self.index, self.seed)
-        st = mined.stats
-        if st["images_without_negatives"] == st["images"]:
-            log.warning("snapshot %s: no image kept a mined negative (%d images; ssl_skip %d, guards %s), so the "
-                        "batches are random; lower ssl_skip or loosen the guards", published.name, st["images"],
-                        self.mining.skip, st["dropped"])
-        else:
-            log.info("snapshot %s: mined negatives for %d of %d images", published.name,
-                     st["images"] - st["images_without_negatives"], st["images"])
-        return RefreshResult(published.name, None, mined.stats), mined.table
-
-    def batches(self, n: int, negatives: np.ndarray | None, epoch: int) -> list[np.ndarray]:
-        """The epoch's batches: composed from the mined ``negatives`` (n, C), or random without them."""
-        rng = np.random.default_rng(seed_for(self.seed, epoch, _BATCHES))
-        if negatives is None:
-            return random_batches(n, self.batch_size, rng)
-        if negatives.shape[0] != n:
-            raise ValidationError(f"mined negatives cover {negatives.shape[0]} images but the training set has {n}")
-        return compose_batches(negatives, self.per_anchor, self.batch_size, rng)
-
-    def loss_terms(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """NT-Xent terms (2B,) of two random views of each image of ``x`` (B, C, H, W), embedded in one pass."""
-        v1 = augment(x, self.augment, generator)
-        v2 = augment(x, self.augment, generator)
-        z1, z2 = model(torch.cat([v1, v2])).chunk(2)
-        return nt_xent_loss(z1, z2, self.temperature, reduction="none")
-
-    def train_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-                    negatives: np.ndarray | None, epoch: int, stats: TermStats, desc: str = "") -> TermStats:
-        """One pass over the training images ``x`` (n, C, H, W); adds every step's terms to ``stats``.
-
-        The views are drawn from a generator seeded by (seed, epoch) on ``x``'s device, the batches from
-        a numpy generator seeded the same way: a run resumed at an epoch boundary draws what the
-        uninterrupted run drew.
-        """
-        generator = torch.Generator(device=x.device)
-        generator.manual_seed(int(seed_for(self.seed, epoch, _AUGMENT).generate_state(1)[0]))
-        model.train()
-        for sel in _progress(self.batches(len(x), negatives, epoch), desc):
-            if len(sel) < 2:
-                continue  # one image has no negative: NT-Xent is 0 with no gradient
-            terms = self.loss_terms(model, x[torch.from_numpy(sel).to(x.device)], generator)
-            optimizer.zero_grad(set_to_none=True)
-            terms.mean().backward()
-            optimizer.step()
-            stats.add(terms)
-        return stats
-
-
-def _progress(batches: list[np.ndarray], desc: str) -> Iterator[np.ndarray]:
-    yield from tqdm(batches, desc=desc, leave=False, disable=not (desc and sys.stderr.isatty()))

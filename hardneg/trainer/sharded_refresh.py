@@ -1,6 +1,7 @@
 """The snapshot refresh of a distributed run: sharded embedding, one publisher, sharded mining.
 
-The single-process refresh (:func:`hardneg.trainer.refresh.refresh`) split over the ranks of a torchrun job:
+The single-process refresh (:func:`hardneg.trainer.refresh.publish_local`, then the recipe's mining) split over
+the ranks of a torchrun job:
 
 1. every rank embeds its contiguous block of the training items (:func:`~hardneg.trainer.refresh.embed_items`);
 2. the embeddings, ids and labels are gathered on rank 0, which checks that every item arrived exactly once
@@ -37,9 +38,7 @@ from hardneg.miner.index import IndexSpec, VectorIndex
 from hardneg.trainer import tuples as tp
 from hardneg.trainer.config import TrainConfig
 from hardneg.trainer.distributed import DistContext
-from hardneg.trainer.refresh import (
-    Published, RefreshResult, SnapshotPublisher, embed_items, mine_tuples,
-)
+from hardneg.trainer.refresh import Published, SnapshotPublisher, embed_items, mine_tuples
 
 log = logging.getLogger(__name__)
 
@@ -48,20 +47,21 @@ _SAME = ("strategy", "metric", "margin", "per_anchor")
 _RECOMPUTED = ("nonzero_loss_share", "d2_positive", "d2_negative")
 
 
-def refresh_sharded(model: nn.Module, x: torch.Tensor, labels: np.ndarray, publisher: SnapshotPublisher,
-                    meta: Mapping[str, Any], mine_for_epoch: int | None, dist: DistContext) -> RefreshResult:
-    """Embed the training items ``x`` (n, ...) with ``labels`` (n,) across the ranks -> rank 0 publishes ->
-    every rank mines its share (when ``mine_for_epoch`` is given) -> every rank gets all tuples.
+def publish_sharded(model: nn.Module, x: torch.Tensor, labels: np.ndarray, publisher: SnapshotPublisher,
+                    meta: Mapping[str, Any], dist: DistContext) -> Published:
+    """Embed the training items ``x`` (n, ...) with ``labels`` (n,) across the ranks -> rank 0 publishes -> every
+    rank gets the published index.
 
-    Every rank of ``dist`` must call this together, with the same model weights and data; all get the same
-    :class:`RefreshResult`, including the published snapshot's index.
+    Every rank of ``dist`` must call this together, with the same model weights and data. The result's
+    ``embeddings`` (n, d) are rank 0's gathered ones; the other ranks get None there.
     """
     cfg = publisher.cfg
     n = len(labels)
     lo, hi = dist.block(n)
-    local = embed_items(model, x[lo:hi], cfg.eval_batch_size)
-    gathered = dist.gather_arrays([local, np.arange(lo, hi, dtype=np.int64),
-                                   np.asarray(labels[lo:hi], dtype=np.int64)])
+    with publisher.timer.phase("embed"):
+        local = embed_items(model, x[lo:hi], cfg.eval_batch_size)
+        gathered = dist.gather_arrays([local, np.arange(lo, hi, dtype=np.int64),
+                                       np.asarray(labels[lo:hi], dtype=np.int64)])
     published: Published | None = None
 
     def publish() -> dict[str, Any]:
@@ -73,14 +73,9 @@ def refresh_sharded(model: nn.Module, x: torch.Tensor, labels: np.ndarray, publi
         return {"name": published.name, "metric": published.index.metric, "spec": published.index.spec.to_dict()}
 
     head = dist.from_main(publish)
-    index = share_index(published.index if published is not None else None, head["metric"], head["spec"], dist)
-    if mine_for_epoch is None:
-        return RefreshResult(head["name"], None, None, index=index)
-    tuples, stats = mine_sharded(index, cfg, mine_for_epoch, dist)
-    if dist.is_main:
-        log.info("snapshot %s: mined %d %ss for epoch %d on %d ranks", head["name"], len(tuples), tuples.kind,
-                 mine_for_epoch, dist.world_size)
-    return RefreshResult(head["name"], tuples, stats, index=index)
+    with publisher.timer.phase("publish"):
+        index = share_index(published.index if published is not None else None, head["metric"], head["spec"], dist)
+    return Published(head["name"], index, published.embeddings if published is not None else None)
 
 
 def check_gathered(ids: np.ndarray, gathered_labels: np.ndarray, labels: np.ndarray) -> None:

@@ -66,13 +66,20 @@ def triplets_to_pairs(t: TupleSet) -> TupleSet:
     return pairs(i, j, y)
 
 
-def for_loss(t: TupleSet, loss: str) -> TupleSet:
-    """The tuples a loss trains on: triplets for ``triplet``, pairs for ``contrastive``."""
-    if loss == "contrastive" and t.kind == "triplet":
+def for_kind(t: TupleSet, kind: str) -> TupleSet:
+    """``t`` as tuples of ``kind``: triplets become pairs (:func:`triplets_to_pairs`); pairs cannot become triplets."""
+    if kind == "pair" and t.kind == "triplet":
         return triplets_to_pairs(t)
-    if loss == "triplet" and t.kind == "pair":
-        raise ValidationError("the triplet loss needs triplets, not pairs")
+    if kind == "triplet" and t.kind == "pair":
+        raise ValidationError("a triplet loss needs triplets, not pairs")
     return t
+
+
+def items(t: TupleSet) -> np.ndarray:
+    """The dataset indices a batch of tuples embeds, stacked by role: (3m,) anchors, positives, negatives, or
+    (2m,) first and second pair members."""
+    parts = [t.first, t.second, t.third] if t.kind == "triplet" else [t.first, t.second]
+    return np.concatenate(parts)
 
 
 def random_triplets(labels: np.ndarray, rng: np.random.Generator) -> TupleSet:

@@ -159,8 +159,8 @@ def test_deterministic_mining_in_shares_equals_one_pass(index: VectorIndex, loss
     # hardest positives and hardest / semi-hard negatives draw nothing at random: the merged shares must be
     # the single pass's tuples in its order, and the merged statistics its statistics
     # (the guard drops most candidates, so anchors widen their search: rounds and guard counts get merged)
-    cfg = TrainConfig(loss=loss, strategy=strategy, positive="hardest", per_anchor=2, candidates=8,
-                      positive_aware=0.9)
+    cfg = TrainConfig.from_dict({"recipe": "mined-tuples", "loss": loss, "strategy": strategy, "positive": "hardest",
+                                 "per_anchor": 2, "candidates": 8, "positive_aware": 0.9})
     whole, whole_stats = mine_tuples(index, cfg, 3)
     merged, merged_stats = mine_in_shares(index, cfg, world)
     assert merged.kind == whole.kind and len(merged) == len(whole) > 0
@@ -172,7 +172,7 @@ def test_deterministic_mining_in_shares_equals_one_pass(index: VectorIndex, loss
 
 
 def test_random_mining_in_shares_mines_every_anchor_once(index: VectorIndex) -> None:
-    cfg = TrainConfig(per_anchor=2)  # semi-hard, random positives: what the ranks draw differs from one pass
+    cfg = TrainConfig.from_dict({"recipe": "mined-tuples", "per_anchor": 2})  # semi-hard, random positives: what the ranks draw differs from one pass
     whole, whole_stats = mine_tuples(index, cfg, 3)
     shares = [mine_tuples(index, cfg, 3, anchors=shard_strided(index.ids, r, 2), shard=r)[0] for r in range(2)]
     assert not set(shares[0].first.tolist()) & set(shares[1].first.tolist())  # no anchor on two ranks
@@ -280,7 +280,8 @@ def _exchange(ctx: DistContext, index: VectorIndex) -> None:
     shared = share_index(index if rank == 0 else None, index.metric, index.spec.to_dict(), ctx)
     assert np.array_equal(shared.ids, index.ids) and np.array_equal(shared.labels, index.labels)
     assert np.array_equal(shared.vectors_of(index.ids), index.vectors_of(index.ids))
-    cfg = TrainConfig(strategy="hardest", positive="hardest", candidates=8)
+    cfg = TrainConfig.from_dict({"recipe": "mined-tuples", "strategy": "hardest", "positive": "hardest",
+                                 "candidates": 8})
     merged, stats = mine_sharded(shared, cfg, 3, ctx)
     whole, whole_stats = mine_tuples(index, cfg, 3)
     assert all(np.array_equal(getattr(merged, f), getattr(whole, f)) for f in ("first", "second", "third"))

@@ -65,7 +65,7 @@ class Run:
 def train(cwd: Path, name: str, epochs: int, ranks: int, resume: bool = False) -> Run:
     args = ["train", "--resume", name] if resume else ["train", *COMMON, "--run-dir", name, "--store", f"store_{name}"]
     proc = run([*args, "--epochs", str(epochs)], cwd, ranks)
-    mined = torch.load(cwd / name / "last.pt", weights_only=True)["mined"]
+    mined = torch.load(cwd / name / "last.pt", weights_only=True)["recipe"]["tuples"]
     store = cwd / f"store_{name}"
     return Run(cwd / name, store, proc, history(cwd / name),
                {k: mined[k].numpy() for k in ("first", "second", "third")}, SnapshotStore(store).names())
@@ -147,3 +147,29 @@ def test_resume_under_torchrun_continues_the_same_run(resumed: Run, straight: Ru
     assert results(resumed.history) == results(straight.history)
     assert [SnapshotStore(resumed.store).verify(n)["meta"]["epoch"] for n in resumed.names] == [0, 2, 2, 4]
     assert np.array_equal(np.sort(resumed.mined["first"]), np.arange(N_TRAIN))
+
+
+# ------------------------------------------------------------------ self-supervised
+SSL = ["train", "--mode", "self-supervised", "--warmup-epochs", "0", "--refresh-every", "2", "--ssl-skip", "32",
+       "--ssl-per-anchor", "2", "--seed", "5", "--epochs", "1"]
+
+
+def test_self_supervised_under_torchrun_publishes_and_mines_what_one_process_does(work: Path) -> None:
+    """The refresh before epoch 1 embeds the untrained model: the snapshot and the mined negatives (rank 0 mines,
+    every rank composes the same batches from them) equal one process's; the epoch then trains on two ranks."""
+    for name, ranks in (("ssl1", 1), ("ssl2", 2)):
+        run([*SSL, "--run-dir", name, "--store", f"store_{name}"], work, ranks)
+    stores = [SnapshotStore(work / f"store_{n}") for n in ("ssl1", "ssl2")]
+    first = [s.open(s.names()[0]).index for s in stores]
+    ids = np.arange(N_TRAIN)
+    np.testing.assert_allclose(first[1].vectors_of(ids), first[0].vectors_of(ids), atol=1e-6)
+    negatives = [torch.load(work / n / "last.pt", weights_only=True)["recipe"]["negatives"].numpy()
+                 for n in ("ssl1", "ssl2")]
+    assert negatives[0].shape == (N_TRAIN, 64) and np.array_equal(negatives[1], negatives[0])
+    one, two = history(work / "ssl1"), history(work / "ssl2")
+    assert two[1]["mining"] == one[1]["mining"] and one[1]["mining"]["kept"] > 0
+    # the same composed batches: as many steps, and every image's two views once over the ranks' shares
+    assert two[1]["train"]["steps"] == one[1]["train"]["steps"]
+    assert two[1]["train"]["tuples"] == one[1]["train"]["tuples"] == 2 * N_TRAIN
+    # each rank's NT-Xent is over its share's views: fewer negatives per view than one process's, a lower loss
+    assert 0 < two[1]["loss"] < one[1]["loss"]

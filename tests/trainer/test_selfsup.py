@@ -14,7 +14,11 @@ from hardneg.miner.errors import ValidationError
 from hardneg.trainer.config import TrainConfig
 from hardneg.trainer.data import ArrayDataset, load_splits
 from hardneg.trainer.losses import nt_xent_loss
-from hardneg.trainer.selfsup import NegativeMining, SelfSupervised, compose_batches, mine_negatives, random_batches
+from hardneg.trainer.batching import RandomBatches
+from hardneg.trainer.losses import TripletLoss
+from hardneg.trainer.recipes.base import RecipeContext, TrainData
+from hardneg.trainer.recipes.simclr import SimCLR
+from hardneg.trainer.selfsup import NegativeMining, compose_batches, mine_negatives
 
 
 # -------------------------------------------------------------------------------------------- NT-Xent
@@ -184,7 +188,7 @@ def test_composition_refuses_a_batch_too_small_for_a_group() -> None:
 
 
 def test_random_batches_are_a_permutation() -> None:
-    batches = random_batches(103, 10, np.random.default_rng(0))
+    batches = RandomBatches.chunks(103, 10, np.random.default_rng(0))
     assert_partition(batches, 103, 10)
     assert [len(b) for b in batches] == [10] * 10 + [3]
 
@@ -193,28 +197,36 @@ def test_random_batches_are_a_permutation() -> None:
 def test_mode_and_options_are_validated() -> None:
     with pytest.raises(ValidationError, match="mode must be one of supervised, self-supervised"):
         TrainConfig.from_dict({"mode": "simclr"})
+    ssl = {"mode": "self-supervised"}
     with pytest.raises(ValidationError, match="ssl_negatives must be one of mined, in-batch"):
-        TrainConfig.from_dict({"ssl_negatives": "hard"})
+        TrainConfig.from_dict({**ssl, "ssl_negatives": "hard"})
     with pytest.raises(ValidationError, match="temperature must be a number > 0"):
-        TrainConfig.from_dict({"temperature": 0.0})
+        TrainConfig.from_dict({**ssl, "temperature": 0.0})
     with pytest.raises(ValidationError, match="aug_flip must be a probability"):
-        TrainConfig.from_dict({"aug_flip": -0.5})
+        TrainConfig.from_dict({"recipe": "simclr", "aug_flip": -0.5})
     with pytest.raises(ValidationError, match="ssl_max_similarity"):
-        TrainConfig.from_dict({"ssl_max_similarity": 2.0})
+        TrainConfig.from_dict({"recipe": "simclr", "simclr": {"max_similarity": 2.0}})
+    with pytest.raises(ValidationError, match="'temperature' in the config is an option of recipe 'simclr'"):
+        TrainConfig.from_dict({"temperature": 0.1})  # a supervised recipe's run
     with pytest.raises(ValidationError, match="batch_size >= 4"):
         TrainConfig.from_dict({"mode": "self-supervised", "ssl_per_anchor": 3, "batch_size": 3})
     # supervised-only constraints do not bind self-supervised runs: one epoch, no warm-up left over
     assert TrainConfig.from_dict({"mode": "self-supervised", "epochs": 1}).warmup_epochs == 1
 
 
+def simclr_on(cfg: TrainConfig, ds: ArrayDataset) -> SimCLR:
+    data = TrainData(torch.from_numpy(ds.x), torch.from_numpy(ds.y), ds.y)
+    return SimCLR(RecipeContext(cfg, data, TripletLoss(cfg.margin)))
+
+
 def test_self_supervised_runs_need_images() -> None:
     cfg = TrainConfig.from_dict({"mode": "self-supervised"})
     vectors = ArrayDataset(np.zeros((10, 5), np.float32), np.zeros(10, np.int64), "vectors")
     with pytest.raises(ValidationError, match="augments images"):
-        SelfSupervised.for_run(cfg, vectors)
+        simclr_on(cfg, vectors)
     one = ArrayDataset(np.zeros((1, 1, 8, 8), np.float32), np.zeros(1, np.int64), "one image")
     with pytest.raises(ValidationError, match="at least 2 training images"):
-        SelfSupervised.for_run(cfg, one)
+        simclr_on(cfg, one)
 
 
 def test_unlabelled_training_data_is_accepted_only_in_self_supervised_mode(tmp_path) -> None:

@@ -95,8 +95,8 @@ def test_the_refresh_mined_negatives_for_every_image(work: Path) -> None:
     assert [r["mining"] is not None for r in h] == [False, False, True, False]  # refresh before epoch 2 only
     mining = h[2]["mining"]
     assert mining["images"] == 1347 and mining["images_without_negatives"] == 0
-    cfg = TrainConfig()
-    assert mining["kept"] == 1347 * cfg.ssl_candidates and mining["skipped"] == 1347 * cfg.ssl_skip
+    settings = TrainConfig.from_dict({"recipe": "simclr"}).recipe  # the defaults: 64 candidates after 128 skipped
+    assert mining["kept"] == 1347 * settings.candidates and mining["skipped"] == 1347 * settings.skip
     assert h[1]["train"]["tuples"] == 2 * 1347  # NT-Xent terms: two views of every training image per epoch
 
 

@@ -108,7 +108,7 @@ def test_global_run_publishes_a_snapshot_per_refresh_while_training(global_run: 
     hist = history(global_run.run_dir)
     for m in manifests:
         assert m["meta"]["config"] == TrainConfig.from_dict(m["meta"]["config"]).to_dict()
-        assert m["meta"]["config"]["epochs"] == 3 and m["meta"]["config"]["mining"] == "global"
+        assert m["meta"]["config"]["epochs"] == 3 and m["meta"]["config"]["recipe"] == "class-batches"
         assert m["meta"]["metrics"] == hist[m["meta"]["epoch"]]["metrics"]  # the latest eval at publish time
         assert m["model"]["input_shape"] == [1, 8, 8] and m["model"]["embedding_dim"] == 64
         assert m["model"]["class"] == "hardneg.trainer.models.EmbeddingCNN"
@@ -268,7 +268,8 @@ def test_baseline_mining_modes_train_end_to_end(work: Path, mode: str, extra: li
         assert all(r["train"]["tuples"] == tuples_per_epoch for r in hist[1:])
     manifests = [SnapshotStore(cwd / "store").verify(n) for n in SnapshotStore(cwd / "store").names()]
     assert [m["meta"]["epoch"] for m in manifests] == [1, 2, 3]
-    assert all(m["meta"]["config"]["mining"] == mode for m in manifests)
+    recipe = {"in-batch": "in-batch", "random": "random-tuples"}[mode]  # the recipe each old --mining names
+    assert all(m["meta"]["config"]["recipe"] == recipe for m in manifests)
 
 
 def test_bad_data_fails_before_training(work: Path) -> None:

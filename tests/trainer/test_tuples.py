@@ -59,9 +59,9 @@ def test_triplets_to_pairs_by_hand() -> None:
     assert pairs.first.tolist() == [0, 0, 5, 5]
     assert pairs.second.tolist() == [1, 2, 6, 7]
     assert pairs.third.tolist() == [0, 1, 0, 1]  # the seed's convention: 0 similar, 1 dissimilar
-    assert tp.for_loss(tp.triplets([0], [1], [2]), "triplet").kind == "triplet"
+    assert tp.for_kind(tp.triplets([0], [1], [2]), "triplet").kind == "triplet"
     with pytest.raises(ValidationError, match="triplet loss needs triplets"):
-        tp.for_loss(pairs, "triplet")
+        tp.for_kind(pairs, "triplet")
 
 
 def test_tuple_state_survives_a_weights_only_round_trip() -> None:

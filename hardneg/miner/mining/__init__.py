@@ -1,4 +1,4 @@
-"""Mining hard negatives, positives, triplets and pairs from a snapshot's index (DESIGN.md section 3).
+"""Mining hard negatives, positives, triplets and pairs from a snapshot's index.
 
 ::
 

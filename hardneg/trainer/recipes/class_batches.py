@@ -1,0 +1,59 @@
+"""``class-batches``: global mining at the class level (Suh et al. 2019; Harwood et al. 2017).
+
+Each refresh finds every class's nearest classes by centroid distance in the snapshot
+(:func:`~hardneg.trainer.batching.confusable_classes`); until the next one, every batch is a class drawn
+uniformly and its P - 1 nearest classes, K items of each, mined in-batch (semi-hard by default). Before the
+first snapshot the warm-up trains (:class:`~hardneg.trainer.recipes.warmup.Warmup`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hardneg.trainer.batching import (
+    ConfusableClassBatches, check_class_batches, composition_stats, confusable_classes,
+)
+from hardneg.trainer.inbatch import TripletMiner
+from hardneg.trainer.recipes.base import Epoch, ItemBatches, RecipeContext, Snapshot
+from hardneg.trainer.recipes.settings import ClassBatchesSettings
+from hardneg.trainer.recipes.warmup import SnapshotRecipe
+
+
+class ClassBatches(SnapshotRecipe):
+    """Class batches from the latest snapshot, mined in-batch (``inbatch_strategy``, or the given ``miner``)."""
+
+    name = "class-batches"
+
+    def __init__(self, ctx: RecipeContext, miner: TripletMiner | None = None,
+                 warmup_miner: TripletMiner | None = None) -> None:
+        super().__init__(ctx, miner, warmup_miner)
+        self.settings: ClassBatchesSettings  # type: ignore[assignment]
+        self.miner = self.inbatch_miner(self.settings.inbatch_strategy)
+        # the class batches are composed after the first refresh: refuse impossible P x K settings now
+        check_class_batches(ctx.data.labels, ctx.cfg.batch_size, self.settings.per_class)
+        self.neighbours: np.ndarray | None = None  # (C, P) class table of the current refresh window
+
+    def refresh(self, model: nn.Module, snapshot: Snapshot) -> dict[str, Any]:
+        from hardneg.miner.mining.miner import stored_vectors
+
+        vectors, labels = stored_vectors(snapshot.index), snapshot.index.labels
+        self.neighbours = confusable_classes(vectors, labels, self.ctx.cfg.batch_size // self.settings.per_class)
+        return composition_stats(vectors, labels, self.neighbours)
+
+    def plan(self, epoch: int) -> Epoch:
+        if self.neighbours is None:
+            return self.warmup.plan(epoch)
+        sampler = ConfusableClassBatches(self.ctx.data.labels, self.ctx.cfg.batch_size, self.settings.per_class,
+                                         self.neighbours)
+        return ItemBatches(self.ctx, sampler, self.miner)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"neighbours": None if self.neighbours is None else torch.from_numpy(self.neighbours)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        t = state.get("neighbours")
+        self.neighbours = None if t is None else t.numpy().astype(np.int64)

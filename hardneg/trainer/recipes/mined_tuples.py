@@ -1,0 +1,65 @@
+"""``mined-tuples``: global mining of tuples from each snapshot (:func:`hardneg.miner.mining.mine`).
+
+Each refresh mines the triplets (pairs for a pair loss) the coming epochs train on, with the recipe's
+:class:`~hardneg.miner.mining.MiningConfig` (its margin is the loss's, its seed drawn per refresh); under
+torchrun every rank mines its share of the anchors (:mod:`hardneg.trainer.sharded_refresh`). With
+``inbatch_mix > 0`` each batch also mines its items in-batch. Before the first snapshot the warm-up trains.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import nn
+
+from hardneg.trainer import tuples as tp
+from hardneg.trainer.inbatch import TripletMiner
+from hardneg.trainer.recipes.base import Epoch, RecipeContext, Snapshot, TupleBatches
+from hardneg.trainer.recipes.settings import MinedTuplesSettings
+from hardneg.trainer.recipes.warmup import SnapshotRecipe, random_tuples
+from hardneg.trainer.refresh import mine_tuples
+from hardneg.trainer.sharded_refresh import mine_sharded
+
+log = logging.getLogger(__name__)
+
+
+class MinedTuples(SnapshotRecipe):
+    """Tuples mined from the latest snapshot; with ``inbatch_mix > 0`` each batch's items are mined in-batch too
+    (``inbatch_strategy``, or the given ``miner``)."""
+
+    name = "mined-tuples"
+
+    def __init__(self, ctx: RecipeContext, miner: TripletMiner | None = None,
+                 warmup_miner: TripletMiner | None = None) -> None:
+        super().__init__(ctx, miner, warmup_miner)
+        self.settings: MinedTuplesSettings  # type: ignore[assignment]
+        mixes = self.settings.inbatch_mix > 0
+        self.miner = self.inbatch_miner(self.settings.inbatch_strategy) if mixes else None
+        self.tuples: tp.TupleSet | None = None  # the tuples of the current refresh window
+
+    def refresh(self, model: nn.Module, snapshot: Snapshot) -> dict[str, Any]:
+        ctx = self.ctx
+        if ctx.dist.enabled:
+            self.tuples, stats = mine_sharded(snapshot.index, ctx.cfg, snapshot.epoch, ctx.dist)
+        else:
+            self.tuples, stats = mine_tuples(snapshot.index, ctx.cfg, snapshot.epoch)
+        if ctx.dist.is_main:
+            log.info("snapshot %s: mined %d %ss for epoch %d%s", snapshot.name, len(self.tuples), self.tuples.kind,
+                     snapshot.epoch, f" on {ctx.dist.world_size} ranks" if ctx.dist.enabled else "")
+        return stats
+
+    def plan(self, epoch: int) -> Epoch:
+        if self.tuples is None:
+            return self.warmup.plan(epoch)
+        if not len(self.tuples):
+            log.warning("epoch %d: the miner found no tuples; training on random ones instead", epoch)
+            return random_tuples(self.ctx, epoch)
+        return TupleBatches(self.ctx, self.tuples, self.miner, self.settings.inbatch_mix)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tuples": None if self.tuples is None else self.tuples.to_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        t = state.get("tuples")
+        self.tuples = None if t is None else tp.TupleSet.from_state(t)
