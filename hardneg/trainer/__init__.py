@@ -1,8 +1,10 @@
-"""The trainer: datasets, embedding models, losses, in-batch miners and the training loop.
+"""The trainer: datasets, embedding models, losses, in-batch miners, training recipes and the training loop.
 
-The loop trains an embedding model, publishes snapshots of the training set's embeddings to the snapshot
-store every ``refresh_every`` epochs, and mines the next epochs' hard pairs or triplets from them with
-:mod:`hardneg.miner`. Run it with ``hardneg train`` (:mod:`hardneg.trainer.cli`).
+The loop (:mod:`hardneg.trainer.loop`) trains an embedding model, publishes snapshots of the training set's
+embeddings to the snapshot store every ``refresh_every`` epochs, and hands each to the run's recipe
+(:mod:`hardneg.trainer.recipes`), which takes the next epochs' batches from it (tuples mined with
+:mod:`hardneg.miner`, confusable classes, mined negatives). Run it with ``hardneg train``
+(:mod:`hardneg.trainer.cli`); docs/architecture.md shows how the parts fit.
 """
 
 from hardneg.trainer.config import TrainConfig
