@@ -144,8 +144,6 @@ class BatchSampler(ABC):
         batch_size: items per batch.
     """
 
-    name: str
-
     def __init__(self, labels: np.ndarray, batch_size: int) -> None:
         labels = np.asarray(labels)
         if labels.ndim != 1 or len(labels) == 0 or not np.issubdtype(labels.dtype, np.integer):
@@ -167,8 +165,6 @@ class BatchSampler(ABC):
 
 class RandomBatches(BatchSampler):
     """A seeded permutation of all items in chunks of ``batch_size``."""
-
-    name = "random"
 
     def batches(self, rng: np.random.Generator) -> list[np.ndarray]:
         return self.chunks(len(self.labels), self.batch_size, rng)
@@ -203,8 +199,6 @@ class ClassBatches(BatchSampler):
 class PKBatches(ClassBatches):
     """P classes drawn uniformly without replacement per batch, K items of each (Hermans et al. 2017)."""
 
-    name = "pk"
-
     def choose_classes(self, n_batches: int, rng: np.random.Generator) -> np.ndarray:
         # O(batches·P²), not O(batches·C): product datasets have 10^4-10^5 classes
         sizes = np.full(n_batches, len(self.groups.classes), np.int64)
@@ -219,8 +213,6 @@ class ConfusableClassBatches(ClassBatches):
             first (:func:`confusable_classes`); every class in the training labels with 2 or more items must
             have a row, and ``P' >= P``.
     """
-
-    name = "classes"
 
     def __init__(self, labels: np.ndarray, batch_size: int, per_class: int, neighbours: np.ndarray) -> None:
         super().__init__(labels, batch_size, per_class)
