@@ -1,4 +1,4 @@
-"""Request and response models of the hardneg HTTP API (DESIGN.md section 5).
+"""Request and response models of the hardneg HTTP API.
 
 Limits that depend on settings (``k`` up to ``HARDNEG_MAX_K``, batch sizes, vector
 dimension) are checked by the handlers, which answer 400 with a message saying what

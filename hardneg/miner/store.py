@@ -1,4 +1,4 @@
-"""The snapshot store: the contract between trainer, miner and api (DESIGN.md section 2).
+"""The snapshot store: the contract between trainer, miner and api.
 
 ::
 

@@ -1,4 +1,4 @@
-"""docker-compose.yml itself: accepted by ``docker-compose config``, the shape DESIGN.md section 6 asks for,
+"""docker-compose.yml itself: accepted by ``docker-compose config``, the shape the README describes,
 defaults that agree with ``hardneg train`` / ``hardneg serve`` and ``.env.example``, and the tests' compose
 interpolation checked against docker-compose's own.
 

@@ -1,4 +1,4 @@
-"""The snapshot store (DESIGN.md section 2): manifest contract, round trips, checksums, retention, names."""
+"""The snapshot store: manifest contract, round trips, checksums, retention, names."""
 
 from __future__ import annotations
 
