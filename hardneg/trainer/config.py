@@ -80,10 +80,13 @@ class TrainConfig:
         """Defaults, then the TOML file at ``toml_path``, then ``overrides`` (CLI flags given); validated."""
         values: dict[str, Any] = read_toml(toml_path) if toml_path is not None else {}
         flags = _normalise(overrides or {})
-        if "recipe" in flags or any(k in flags for k in LEGACY_SELECTORS):
-            # a recipe chosen on the command line replaces the file's choice (and its section, if for another)
+        # a recipe chosen on the command line replaces the file's choice; old selector flags override the
+        # file's old selectors one by one (--mining global keeps the file's global_batches)
+        if "recipe" in flags:
             for key in ("recipe", *LEGACY_SELECTORS):
                 values.pop(key, None)
+        elif any(k in flags for k in LEGACY_SELECTORS):
+            values.pop("recipe", None)
         values = _merge(values, flags)
         return cls.from_dict(values, where=f"in {toml_path} or on the command line" if toml_path else
                              "on the command line")

@@ -101,6 +101,10 @@ def test_a_section_per_recipe_equals_the_flat_spelling(tmp_path: Path) -> None:
     assert nested == flat
     assert (nested.recipe.warmup, nested.recipe.miner.strategy, nested.recipe.miner.window_skip) == ("random",
                                                                                                      "window", 2)
+    # an old selector flag overrides the file's one by one: --mining global keeps its global_batches
+    old = tmp_path / "old.toml"
+    old.write_text('mining = "global"\nglobal_batches = "tuples"\nstrategy = "hardest"\n')
+    assert from_cli(["--config", str(old), "--mining", "global"]).recipe.miner.strategy == "hardest"
     # a flag beats the section; a recipe chosen by flag replaces the file's
     assert from_cli(["--config", str(f), "--window-skip", "5"]).recipe.miner.window_skip == 5
     with pytest.raises(ValidationError, match=r"a \[mined-tuples\] section in .*run.toml or on the command line "
