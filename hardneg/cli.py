@@ -19,7 +19,8 @@ from hardneg.miner.errors import NotFoundError, SnapshotError, ValidationError
 
 # Each subcommand and the module that registers it (a ``register(sub)`` function).
 COMMANDS = {"index": "hardneg.miner.cli", "mine": "hardneg.miner.mine_cli", "train": "hardneg.trainer.cli",
-            "eval": "hardneg.trainer.cli", "serve": "hardneg.api.cli"}
+            "eval": "hardneg.trainer.cli", "serve": "hardneg.api.cli", "audit": "hardneg.miner.audit_cli",
+            "drift": "hardneg.miner.audit_cli"}
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:

@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--name", help="snapshot name (default: next sequence number)")
     b.add_argument("--keep", type=int, default=5, help="snapshots to retain")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--thumbs", type=Path, help="(n, H, W) or (n, H, W, C) uint8 .npy of thumbnails, in the order "
+                                               "of --ids (default: ids 0..n-1), at most 128 pixels a side")
     b.set_defaults(func=cmd_build)
 
     ls = isub.add_parser("list", help="list snapshots, newest first; * marks the one LATEST names")
@@ -72,9 +74,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     vectors = load_npy(args.vectors, "--vectors")
     labels = load_npy(args.labels, "--labels")
     ids = load_npy(args.ids, "--ids") if args.ids else None
+    thumbs = load_npy(args.thumbs, "--thumbs") if args.thumbs else None
     index = VectorIndex.build(vectors, labels, ids, metric=args.metric, index=args.index, seed=args.seed)
     name = SnapshotStore(args.store, keep=args.keep).publish(
-        index, meta={"source": "hardneg index build", "vectors": str(args.vectors)}, name=args.name)
+        index, meta={"source": "hardneg index build", "vectors": str(args.vectors)}, name=args.name,
+        thumbs=thumbs, thumb_ids=ids)
     print(name)
     return 0
 

@@ -487,6 +487,13 @@ class VectorIndex:
 
 
 # ----------------------------------------------------------------- helpers
+def stored_vectors(index: VectorIndex) -> np.ndarray:
+    """The prepared vectors of every row of ``index``: (n, d) float32 (lossy for compressed indexes)."""
+    if index.count == 0:
+        return np.empty((0, index.dim), np.float32)
+    return index.index.reconstruct_n(0, index.count)
+
+
 def check_vectors(x: np.ndarray, name: str, dim: int | None = None) -> np.ndarray:
     """Validate a (n, d) finite numeric array; return it as float32."""
     x = np.asarray(x)

@@ -29,7 +29,8 @@ _DEFAULTS = MiningConfig()
 _LABEL_ONLY = {"per_anchor": (_DEFAULTS.per_anchor, "--num-negatives"), "positive": (_DEFAULTS.positive, None),
                "fallback": (_DEFAULTS.semihard_fallback, None), "window_skip": (_DEFAULTS.window_skip, "--range-min"),
                "window_width": (_DEFAULTS.window_width, "--range-max"), "dw_cutoff": (_DEFAULTS.dw_cutoff, None),
-               "dw_nonzero_loss_cutoff": (_DEFAULTS.dw_nonzero_loss_cutoff, None), "anchors": (None, None)}
+               "dw_nonzero_loss_cutoff": (_DEFAULTS.dw_nonzero_loss_cutoff, None), "anchors": (None, None),
+               "exclude_suspects": (None, None)}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -71,6 +72,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--relative-margin", type=float, metavar="R",
                    help="drop negatives scoring above s_p - |s_p| x R, e.g. 0.05 (NV-Retriever's TopK-PercPos)")
     p.add_argument("--max-score", type=float, help="drop negatives scoring above this")
+    p.add_argument("--exclude-suspects", type=float, metavar="FRACTION",
+                   help="label mode: never use the top FRACTION of label-noise suspects (hardneg audit labels) "
+                        "as negatives")
     p.add_argument("--candidates", type=int, default=_DEFAULTS.candidates,
                    help="wrong-label neighbours fetched per anchor before the guards (doubled as needed)")
     p.add_argument("--anchors", type=Path, help="(m,) integer .npy of anchor ids (default: every item)")
@@ -119,7 +123,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
         strategy=args.strategy, per_anchor=args.per_anchor, margin=args.margin, positive=args.positive,
         semihard_fallback=args.fallback, window_skip=args.window_skip, window_width=args.window_width,
         dw_cutoff=args.dw_cutoff, dw_nonzero_loss_cutoff=args.dw_nonzero_loss_cutoff,
-        candidates=args.candidates, seed=args.seed, **_guards(args))
+        candidates=args.candidates, seed=args.seed, exclude_suspects=args.exclude_suspects, **_guards(args))
     params = SearchParams(nprobe=args.nprobe, ef_search=args.ef_search)
     anchors = load_npy(args.anchors, "--anchors") if args.anchors else None
     snap = SnapshotStore(args.store).open(args.snapshot)
@@ -206,6 +210,8 @@ def format_stats(stats: MiningStats) -> str:
         ("search", f"{stats.search_rounds} round(s), {stats.anchors_widened} anchor(s) widened, "
                    f"{stats.candidates_examined} candidates examined"),
     ]
+    if stats.suspects_excluded:
+        rows.append(("suspects excluded", f"{stats.suspects_excluded} items never used as negatives"))
     if stats.guard_dropped:
         rows.append(("guards dropped", ", ".join(f"{k} {v}" for k, v in stats.guard_dropped.items())))
     if stats.strategy == "semihard":

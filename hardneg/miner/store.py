@@ -11,6 +11,7 @@
         index.faiss          FAISS index; row i holds ids[i]
         ids.npy labels.npy   int64, loaded with allow_pickle=False
         model.pt2            optional: the embedding model as a torch.export program
+        thumbs.npy           optional: uint8 thumbnails (n, H, W) or (n, H, W, C); row i shows ids[i]
 
 Publishing writes into a temporary folder inside STORE, fsyncs it, renames it into
 ``snapshots/`` and only then replaces ``LATEST``: a crash at any point leaves the
@@ -52,7 +53,7 @@ import numpy as np
 
 from hardneg.miner.distances import get_distance
 from hardneg.miner.errors import NotFoundError, SnapshotError, ValidationError
-from hardneg.miner.index import IndexSpec, VectorIndex
+from hardneg.miner.index import IndexSpec, VectorIndex, check_int_array
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -69,6 +70,9 @@ SIGNATURE = "manifest.sig"
 STORE_KEY_ENV = "HARDNEG_STORE_KEY"
 FILE_MODE = 0o644
 DIR_MODE = 0o755
+THUMBS_FILE = "thumbs.npy"
+THUMBS_MAX_BYTES = 64 * 1024 * 1024  # 8 KiB each for 8k images; thumbnails are for looking, not for training
+THUMB_MAX_SIDE = 128  # pixels: a tile on a page, not the image
 _TMP_PREFIX = ".tmp-"
 # fullmatch, not match with "$": "$" also matches before a trailing newline.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -205,6 +209,13 @@ class Snapshot:
         """The exported model file, when the snapshot has one."""
         return self.path / MODEL_FILE if MODEL_FILE in self.manifest["files"] else None
 
+    def load_thumbs(self) -> np.ndarray | None:
+        """The thumbnails (n, H, W[, C]) uint8 in row order (memory-mapped), or None when the snapshot has none.
+
+        The file was checksummed when the snapshot was opened; its shape and dtype are checked here too.
+        """
+        return load_thumbs(self.name, self.path, self.manifest, self.index.count)
+
 
 class SnapshotStore:
     """Publish, list, verify, open and retain snapshots under ``root``.
@@ -277,6 +288,8 @@ class SnapshotStore:
         extra_files: Mapping[str, str | os.PathLike] | None = None,
         name: str | None = None,
         retain: bool = True,
+        thumbs: np.ndarray | None = None,
+        thumb_ids: np.ndarray | None = None,
     ) -> str:
         """Write ``index`` as a new snapshot, atomically, and point ``LATEST`` at it.
 
@@ -287,6 +300,10 @@ class SnapshotStore:
             extra_files: files to copy in, by their name in the snapshot (e.g. ``{"model.pt2": path}``).
             name: the snapshot's name; default the next zero-padded sequence number.
             retain: apply retention afterwards.
+            thumbs: optional uint8 thumbnails (m, H, W) or (m, H, W, C) with C 1, 3 or 4, at most
+                ``THUMB_MAX_SIDE`` pixels a side and ``THUMBS_MAX_BYTES`` in all; ``thumbs[i]`` shows item
+                ``thumb_ids[i]``. Every item needs one.
+            thumb_ids: (m,) the ids the thumbnails show (default: the index's ids in ascending order, e.g. 0..n-1).
 
         Returns:
             The published snapshot's name.
@@ -294,15 +311,16 @@ class SnapshotStore:
         if name is not None:
             validate_name(name)
         for fname in extra_files or {}:
-            if fname in (MANIFEST, SIGNATURE, INDEX_FILE, IDS_FILE, LABELS_FILE) or not _is_name(fname):
+            if fname in (MANIFEST, SIGNATURE, INDEX_FILE, IDS_FILE, LABELS_FILE, THUMBS_FILE) or not _is_name(fname):
                 raise ValidationError(f"cannot publish an extra file named {fname!r}")
+        thumbs = None if thumbs is None else thumbs_in_row_order(index, thumbs, thumb_ids)
         self._make_dirs()
         tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.root))
         try:
             # mkdtemp makes the folder 0700; a published snapshot must be readable by readers running as
             # other users (an api replica under another uid). Not umask-derived: reading the umask races threads.
             os.chmod(tmp, DIR_MODE)
-            files = self._write_payload(tmp, index, extra_files or {})
+            files = self._write_payload(tmp, index, extra_files or {}, thumbs)
             manifest = {
                 "format_version": FORMAT_VERSION,
                 "name": None,
@@ -313,6 +331,7 @@ class SnapshotStore:
                 "num_classes": int(len(index.classes)),
                 "index": index.spec.to_dict(),
                 "model": dict(model) if model is not None else None,
+                "thumbs": None if thumbs is None else {"shape": list(thumbs.shape), "dtype": "uint8"},
                 "meta": dict(meta or {}),
                 "files": files,
             }
@@ -347,8 +366,11 @@ class SnapshotStore:
         finally:
             shutil.rmtree(path, ignore_errors=True)
 
-    def _write_payload(self, tmp: Path, index: VectorIndex, extra: Mapping[str, str | os.PathLike]) -> dict:
+    def _write_payload(self, tmp: Path, index: VectorIndex, extra: Mapping[str, str | os.PathLike],
+                       thumbs: np.ndarray | None) -> dict:
         faiss.write_index(index.index, str(tmp / INDEX_FILE))
+        if thumbs is not None:
+            np.save(tmp / THUMBS_FILE, thumbs, allow_pickle=False)
         np.save(tmp / IDS_FILE, index.ids.astype(np.int64), allow_pickle=False)
         np.save(tmp / LABELS_FILE, index.labels.astype(np.int64), allow_pickle=False)
         for fname, src in extra.items():
@@ -608,3 +630,46 @@ class SnapshotStore:
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
             except FileNotFoundError:
                 continue
+
+
+def check_thumbs(thumbs: np.ndarray, count: int) -> np.ndarray:
+    """Check thumbnails for ``count`` items: uint8, (count, H, W) or (count, H, W, C) with C in 1, 3, 4, each side
+    at most ``THUMB_MAX_SIDE``, ``THUMBS_MAX_BYTES`` in all. Returns them; raises :class:`ValidationError`."""
+    if not isinstance(thumbs, np.ndarray) or thumbs.dtype != np.uint8:
+        raise ValidationError(f"thumbs must be a uint8 numpy array, got {getattr(thumbs, 'dtype', type(thumbs).__name__)}")
+    if thumbs.ndim not in (3, 4) or (thumbs.ndim == 4 and thumbs.shape[3] not in (1, 3, 4)):
+        raise ValidationError(f"thumbs must have shape (n, H, W) or (n, H, W, C) with C 1, 3 or 4, got {thumbs.shape}")
+    if thumbs.shape[0] != count:
+        raise ValidationError(f"thumbs holds {thumbs.shape[0]} images but there are {count} items; give one per item")
+    if not all(1 <= side <= THUMB_MAX_SIDE for side in thumbs.shape[1:3]):
+        raise ValidationError(f"thumbnails must be 1 to {THUMB_MAX_SIDE} pixels a side, got {thumbs.shape[1:3]}; "
+                              "downscale them")
+    if thumbs.nbytes > THUMBS_MAX_BYTES:
+        raise ValidationError(f"thumbs take {thumbs.nbytes} bytes; at most {THUMBS_MAX_BYTES} are stored: "
+                              "use smaller thumbnails")
+    return thumbs
+
+
+def thumbs_in_row_order(index: VectorIndex, thumbs: np.ndarray, thumb_ids: np.ndarray | None) -> np.ndarray:
+    """``thumbs`` (m, ...) of items ``thumb_ids`` (default: ``index``'s ids ascending) reordered to the index's rows."""
+    check_thumbs(thumbs, index.count)
+    thumb_ids = np.sort(index.ids) if thumb_ids is None else check_int_array(thumb_ids, "thumb_ids", index.count)
+    if len(np.unique(thumb_ids)) != len(thumb_ids):
+        raise ValidationError("thumb_ids must be unique")
+    out = np.empty_like(thumbs)
+    out[index.rows_of(thumb_ids)] = thumbs  # NotFoundError names ids the index does not hold
+    return out
+
+
+def load_thumbs(name: str, path: Path, manifest: Mapping, count: int) -> np.ndarray | None:
+    """The verified snapshot ``name``'s thumbnails (memory-mapped, row order), or None when it has none."""
+    if THUMBS_FILE not in manifest["files"]:
+        return None
+    try:
+        thumbs = np.load(path / THUMBS_FILE, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise SnapshotError(f"snapshot {name!r}: cannot load {THUMBS_FILE} ({e})") from None
+    try:
+        return check_thumbs(thumbs, count)
+    except ValidationError as e:
+        raise SnapshotError(f"snapshot {name!r}: {THUMBS_FILE} is invalid ({e})") from None

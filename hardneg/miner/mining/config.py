@@ -39,6 +39,7 @@ class MiningConfig:
     absolute_margin: float | None = None  # drop s_n > s_p - margin
     relative_margin: float | None = None  # drop s_n > s_p - |s_p| * margin (NV-Retriever's TopK-PercPos at 0.05)
     max_score: float | None = None  # drop s_n > max_score
+    exclude_suspects: float | None = None  # label mode: never use the top fraction of label-noise suspects as negatives
     candidates: int = 64  # wrong-label neighbours fetched per anchor before guards; doubled for short anchors
     seed: int = 0
 
@@ -72,6 +73,9 @@ class MiningConfig:
                                            lambda v: 0 <= v < 1)
         if self.max_score is not None:
             self.max_score = _number("max_score", self.max_score, "None or a finite number", lambda v: True)
+        if self.exclude_suspects is not None:
+            self.exclude_suspects = _number("exclude_suspects", self.exclude_suspects,
+                                            "None or a fraction in (0, 1)", lambda v: 0 < v < 1)
         if self.strategy == "window" and self.window_width < self.per_anchor:
             raise ValidationError(f"window_width ({self.window_width}) must be at least per_anchor ({self.per_anchor}): "
                                   "the window strategy samples per_anchor negatives without replacement from it")
@@ -80,7 +84,7 @@ class MiningConfig:
     def guarded(self) -> bool:
         """True when a false-negative guard is on (so candidates may be dropped before selection)."""
         return any(v is not None for v in (self.positive_aware, self.near_duplicate, self.absolute_margin,
-                                           self.relative_margin, self.max_score))
+                                           self.relative_margin, self.max_score, self.exclude_suspects))
 
     @property
     def needs_positive(self) -> bool:

@@ -117,6 +117,19 @@ class MaxScoreGuard(Guard):
         return similarity(c.d2, self.metric) > self.threshold
 
 
+@dataclass(frozen=True, eq=False)
+class SuspectGuard(Guard):
+    """Drop candidates that are suspected label errors: ``suspects`` (n,) bool over index rows, e.g. the top of
+    :func:`hardneg.miner.audit.audit_labels` (``MiningConfig.exclude_suspects``). A mislabelled item is the
+    nearest wrong-label neighbour of many anchors of its true class: a false negative for all of them."""
+
+    suspects: np.ndarray
+    name: ClassVar[str] = "exclude_suspects"
+
+    def drops(self, c: Candidates, alive: np.ndarray) -> np.ndarray:
+        return alive & self.suspects[np.where(c.rows >= 0, c.rows, 0)]
+
+
 def build_guards(config: MiningConfig, metric: str) -> list[Guard]:
     """The guards ``config`` switches on, in the order they are applied (sentence-transformers' order for its own)."""
     guards: list[Guard] = []

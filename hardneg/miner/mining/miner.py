@@ -6,7 +6,7 @@ One pass goes:
    positive-aware guard depend on ``d²(a, p)``;
 2. a batched wrong-label search for every anchor at once (:mod:`hardneg.miner.mining.search`: exact on
    flat indexes, on FAISS's BLAS path; approximate indexes through their own search path);
-3. the guards drop candidates, the strategy says which anchors need a deeper pool, and only those are
+3. the guards (and, with ``exclude_suspects``, the suspected label errors) drop candidates, the strategy says which anchors need a deeper pool, and only those are
    searched again with twice the width, until satisfied or their class complement is exhausted (the loop
    of :mod:`hardneg.miner.mining.core`, shared with query mode);
 4. the strategy picks negatives; triplets and pairs are assembled with numpy, and statistics computed.
@@ -20,13 +20,15 @@ import time
 import faiss
 import numpy as np
 
+from hardneg.miner.audit import DEFAULT_K as AUDIT_K
+from hardneg.miner.audit import audit_labels
 from hardneg.miner.errors import ValidationError
-from hardneg.miner.index import SearchParams, VectorIndex, check_int_array
+from hardneg.miner.index import SearchParams, VectorIndex, check_int_array, stored_vectors  # noqa: F401 - re-exported
 from hardneg.miner.mining.base import NegativeStrategy
 from hardneg.miner.mining.config import MiningConfig
 from hardneg.miner.mining.distance_weighted import DistanceWeightedNegatives
 from hardneg.miner.mining.core import mine_negatives
-from hardneg.miner.mining.guards import build_guards
+from hardneg.miner.mining.guards import Guard, SuspectGuard, build_guards
 from hardneg.miner.mining.hardest import HardestNegatives
 from hardneg.miner.mining.positives import Positives, choose_positives, class_bounds
 from hardneg.miner.mining.result import MiningResult
@@ -76,21 +78,29 @@ def mine(index: VectorIndex, config: MiningConfig, anchors: np.ndarray | None = 
     strategy = STRATEGIES[config.strategy](config, vectors, index.metric)
     positives = choose_positives(config.positive, vectors, index.labels, anchor_rows, index.distance, rng)
     stats = MiningStats(config.strategy, index.metric, config.margin, config.per_anchor, anchors=len(anchor_rows))
-    negatives = _mine_negatives(index, vectors, anchor_rows, positives, strategy, config, params, rng, stats)
+    suspects = suspect_mask(index, config.exclude_suspects)
+    stats.suspects_excluded = 0 if suspects is None else int(suspects.sum())
+    guards = ([SuspectGuard(suspects)] if suspects is not None else []) + build_guards(config, index.metric)
+    negatives = _mine_negatives(index, vectors, anchor_rows, positives, strategy, guards, params, rng, stats)
     result = _assemble(index, vectors, anchor_rows, positives, negatives, stats)
     log.info("%s in %.2fs", stats.summary(), time.perf_counter() - started)
     return result
 
 
-def stored_vectors(index: VectorIndex) -> np.ndarray:
-    """The prepared vectors of every row of ``index``: (n, d) float32 (lossy for compressed indexes)."""
-    if index.count == 0:
-        return np.empty((0, index.dim), np.float32)
-    return index.index.reconstruct_n(0, index.count)
+def suspect_mask(index: VectorIndex, fraction: float | None) -> np.ndarray | None:
+    """(n,) bool over rows: the top ``fraction`` of label-noise suspects (:func:`hardneg.miner.audit.audit_labels`
+    at its default k), or None when ``fraction`` is None. Items whose neighbours all agree are never suspects."""
+    if fraction is None:
+        return None
+    mask = np.zeros(index.count, bool)
+    if index.count >= 2:
+        flagged = audit_labels(index, k=min(AUDIT_K, index.count - 1)).top(fraction)
+        mask[index.rows_of(flagged)] = True
+    return mask
 
 
 def _mine_negatives(index: VectorIndex, vectors: np.ndarray, anchor_rows: np.ndarray, positives: Positives,
-                    strategy: NegativeStrategy, config: MiningConfig, params: SearchParams | None,
+                    strategy: NegativeStrategy, guards: list[Guard], params: SearchParams | None,
                     rng: np.random.Generator, stats: MiningStats) -> np.ndarray:
     """Negatives (m, per_anchor) int64 rows, ``-1``-padded; fills the search, guard and strategy counters."""
     lo, hi = class_bounds(index.labels, anchor_rows)
@@ -102,8 +112,8 @@ def _mine_negatives(index: VectorIndex, vectors: np.ndarray, anchor_rows: np.nda
     has_pos = positives.rows >= 0
     stats.anchors_singleton = int((~has_pos).sum())
     negatives = mine_negatives(search, np.flatnonzero(has_pos), index.count - (hi - lo), positives.d2, strategy,
-                               build_guards(config, index.metric), rng, stats, len(anchor_rows))
-    p = config.per_anchor
+                               guards, rng, stats, len(anchor_rows))
+    p = strategy.config.per_anchor
     stats.anchors_short = int((has_pos & ((negatives >= 0).sum(1) < p)).sum()) - stats.semihard_skipped
     return negatives
 

@@ -131,6 +131,8 @@ def mine_queries(index: VectorIndex, queries: np.ndarray, config: MiningConfig, 
         raise ValidationError("give each query's positives or its labels (exactly one of the two)")
     if not isinstance(config, MiningConfig):
         raise ValidationError(f"config must be a MiningConfig, got {type(config).__name__}")
+    if config.exclude_suspects is not None:
+        raise ValidationError("exclude_suspects is for label mode (mine): it audits the snapshot's own labels")
     if labels is not None and config.needs_positive:
         raise ValidationError("this configuration needs each anchor's positive (semihard strategy, positive_aware, "
                               "absolute_margin or relative_margin); give positives instead of labels")

@@ -50,7 +50,9 @@ class MiningStats:
         anchors_widened: anchors whose candidate search had to be widened at least once.
         search_rounds: candidate searches run (1 + the widening rounds).
         candidates_examined: wrong-label neighbours looked at over all anchors (before the guards).
-        guard_dropped: per active guard, candidates it dropped.
+        guard_dropped: per active guard, candidates it dropped (``exclude_suspects``: candidates that are
+            suspected label errors).
+        suspects_excluded: items marked as suspected label errors, never used as negatives.
         semihard_fallback_used: anchors without a semi-hard negative that took hardest ones instead.
         semihard_skipped: anchors without a semi-hard negative that were skipped.
         triplets, positive_pairs, negative_pairs, pairs: output sizes (pairs = positive + negative).
@@ -71,6 +73,7 @@ class MiningStats:
     search_rounds: int = 0
     candidates_examined: int = 0
     guard_dropped: dict[str, int] = field(default_factory=dict)
+    suspects_excluded: int = 0
     semihard_fallback_used: int = 0
     semihard_skipped: int = 0
     triplets: int = 0

@@ -1,0 +1,87 @@
+"""Optional ``thumbs.npy`` in snapshots: stored in row order, checksummed, size-capped, never required."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hardneg.miner.errors import NotFoundError, SnapshotError, ValidationError
+from hardneg.miner.index import VectorIndex
+from hardneg.miner.store import THUMB_MAX_SIDE, THUMBS_FILE, SnapshotStore
+
+
+@pytest.fixture()
+def index(clusters) -> VectorIndex:
+    data = clusters(40, 4, 3, seed=2)  # sparse shuffled ids: rows are not in id order
+    return VectorIndex.build(data.vectors, data.labels, data.ids)
+
+
+def images(n: int, seed: int, shape=(8, 8)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, *shape), dtype=np.uint8)
+
+
+def test_thumbnails_follow_their_ids(tmp_path, index):
+    thumb_ids = np.random.default_rng(0).permutation(index.ids)
+    thumbs = images(len(thumb_ids), 1, (6, 5, 3))
+    store = SnapshotStore(tmp_path)
+    name = store.publish(index, thumbs=thumbs, thumb_ids=thumb_ids)
+    snap = store.open(name)
+    assert snap.manifest["thumbs"] == {"shape": [40, 6, 5, 3], "dtype": "uint8"}
+    assert THUMBS_FILE in snap.manifest["files"]
+    loaded = snap.load_thumbs()
+    for i, id_ in enumerate(thumb_ids.tolist()):
+        np.testing.assert_array_equal(loaded[snap.index.rows_of([id_])[0]], thumbs[i])
+
+
+def test_default_order_is_ascending_ids(tmp_path, index):
+    thumbs = images(index.count, 2)
+    snap = SnapshotStore(tmp_path).open(SnapshotStore(tmp_path).publish(index, thumbs=thumbs))
+    first = int(np.sort(index.ids)[0])
+    np.testing.assert_array_equal(snap.load_thumbs()[snap.index.rows_of([first])[0]], thumbs[0])
+
+
+def test_a_snapshot_without_thumbnails_has_none(tmp_path, index):
+    store = SnapshotStore(tmp_path)
+    snap = store.open(store.publish(index))
+    assert snap.load_thumbs() is None and snap.manifest["thumbs"] is None
+
+
+def test_a_corrupt_thumbnail_file_is_refused(tmp_path, index):
+    store = SnapshotStore(tmp_path)
+    name = store.publish(index, thumbs=images(index.count, 3))
+    path = store.path_of(name) / THUMBS_FILE
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(SnapshotError, match="thumbs.npy is corrupt"):
+        store.open(name)
+
+
+@pytest.mark.parametrize("thumbs,match", [
+    (np.zeros((40, 8, 8), np.float32), "uint8"),
+    (np.zeros((40, 8), np.uint8), "shape"),
+    (np.zeros((40, 8, 8, 2), np.uint8), "shape"),
+    (np.zeros((39, 8, 8), np.uint8), "39 images but there are 40 items"),
+    (np.zeros((40, THUMB_MAX_SIDE + 1, 8), np.uint8), "pixels a side"),
+])
+def test_bad_thumbnails_are_refused_and_nothing_is_published(tmp_path, index, thumbs, match):
+    store = SnapshotStore(tmp_path)
+    with pytest.raises(ValidationError, match=match):
+        store.publish(index, thumbs=thumbs)
+    assert store.names() == [] and store.latest_name() is None
+
+
+def test_thumbnails_over_the_size_cap_are_refused(tmp_path, index, monkeypatch):
+    monkeypatch.setattr("hardneg.miner.store.THUMBS_MAX_BYTES", 40 * 8 * 8 - 1)
+    with pytest.raises(ValidationError, match="at most 2559 are stored"):
+        SnapshotStore(tmp_path).publish(index, thumbs=images(40, 4))
+
+
+def test_thumbnail_ids_must_be_the_index_ids(tmp_path, index):
+    ids = index.ids.copy()
+    ids[0] = -5
+    with pytest.raises(NotFoundError, match="-5"):
+        SnapshotStore(tmp_path).publish(index, thumbs=images(40, 5), thumb_ids=ids)
+    ids[0] = ids[1]
+    with pytest.raises(ValidationError, match="unique"):
+        SnapshotStore(tmp_path).publish(index, thumbs=images(40, 5), thumb_ids=ids)
