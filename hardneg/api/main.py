@@ -23,7 +23,8 @@ from hardneg.api.deps import require_api_key
 from hardneg.api.limits import ApiKeyMiddleware, BodyLimitMiddleware, TooManyResultsError
 from hardneg.api.metrics import ApiMetrics, MetricsMiddleware
 from hardneg.api.reloader import Reloader
-from hardneg.api.routes import health, mine, neighbors, snapshot
+from hardneg.api.audits import AuditCache
+from hardneg.api.routes import audit, drift, health, items, mine, neighbors, snapshot, ui
 from hardneg.api.routes import metrics as metrics_route
 from hardneg.api.search import SearchLanes
 from hardneg.api.settings import Settings
@@ -74,11 +75,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.snapshots = SnapshotState(SnapshotStore(settings.store, key=settings.store_key_bytes), settings.pin_cache,
                                         settings.faiss_threads, load_models=settings.loads_models,
                                         run=app.state.lanes.run)
+    app.state.audit_cache = AuditCache()
     app.state.reloader = Reloader(app.state.snapshots, metrics, settings.poll_seconds, settings.retry_seconds)
 
     protected = [Depends(require_api_key)]
     routers = [(health.router, []), (neighbors.router, protected), (snapshot.router, protected),
-               (metrics_route.router, [] if settings.metrics_open else protected), (mine.router, protected)]
+               (metrics_route.router, [] if settings.metrics_open else protected), (mine.router, protected),
+               (items.router, protected), (audit.router, protected), (drift.router, protected), (ui.router, [])]
     for router, dependencies in routers:
         app.include_router(router, dependencies=dependencies)
 

@@ -64,6 +64,8 @@ class Settings(BaseSettings):
         30.0, gt=0, description="a client must send a whole request (headers and body) within this long "
                                 "of connecting or of its previous response")
     keepalive_seconds: int = Field(5, ge=1, description="idle keep-alive connections are closed after this long")
+    # An audit or drift request is a full pass over the snapshot (all-pairs on flat): ~1 s per 20k items here.
+    audit_max_items: int = Field(200_000, ge=2, description="largest snapshot the /audit and /drift routes audit")
 
     @field_validator("api_key", "store_key")
     @classmethod

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
+import numpy as np
 
 from hardneg.miner.errors import NotFoundError, SnapshotError, ValidationError
 from hardneg.miner.index import VectorIndex
@@ -35,13 +36,15 @@ class NotReadyError(RuntimeError):
 
 @dataclass(frozen=True)
 class ServedSnapshot:
-    """A verified, loaded snapshot: its ``manifest``, its ``index`` and, when it has one, its embedding ``model``."""
+    """A verified, loaded snapshot: its ``manifest``, its ``index`` and, when it has them, its embedding ``model``
+    and its ``thumbs`` (n, H, W[, C]) uint8 in row order (memory-mapped)."""
 
     name: str
     manifest: dict
     index: VectorIndex
     model: ExportedModel | None
     has_model_file: bool = False  # model.pt2 is in the snapshot (model is None when the policy refused loading it)
+    thumbs: np.ndarray | None = None
 
     @property
     def created_at(self) -> str:
@@ -73,7 +76,8 @@ def load_snapshot(store: SnapshotStore, name: str, torch_threads: int = 1, load_
 
         torch.set_num_threads(torch_threads)  # same budget as FAISS: lanes x threads <= cores
         model = load_exported(data, spec["input_shape"])
-    return ServedSnapshot(snap.name, snap.manifest, snap.index, model, has_model_file=snap.model_path is not None)
+    return ServedSnapshot(snap.name, snap.manifest, snap.index, model, has_model_file=snap.model_path is not None,
+                          thumbs=snap.load_thumbs())
 
 
 @dataclass

@@ -145,12 +145,14 @@ class DuplicateGroups:
     Attributes:
         threshold: the ``d²`` threshold (pairs with ``d² <= threshold``).
         groups: each group's ids (ascending), largest group first.
+        id_labels: the label of each of those ids.
         group_labels: each group's distinct labels (ascending).
         pairs: the number of linking pairs found.
     """
 
     threshold: float
     groups: list[np.ndarray]
+    id_labels: list[np.ndarray]
     group_labels: list[np.ndarray]
     pairs: int
 
@@ -165,7 +167,8 @@ class DuplicateGroups:
         return [i for i, lab in enumerate(self.group_labels) if len(lab) > 1]
 
     def group_dict(self, i: int) -> dict:
-        return {"ids": self.groups[i].tolist(), "labels": self.group_labels[i].tolist()}
+        return {"ids": self.groups[i].tolist(), "id_labels": self.id_labels[i].tolist(),
+                "labels": self.group_labels[i].tolist()}
 
 
 def near_duplicate_pairs(index: VectorIndex, threshold: float, max_pairs: int) -> tuple[np.ndarray, np.ndarray]:
@@ -212,17 +215,15 @@ def find_duplicates(index: VectorIndex, threshold: float, max_pairs: int = 1_000
     i, j = near_duplicate_pairs(index, threshold, max_pairs)
     comp = _components(index.count, i, j)
     members = np.unique(np.concatenate([i, j]))
-    groups, group_labels = [], []
+    groups = []
     if len(members):
         roots = comp[members]
-        order = np.lexsort((index.ids[members], roots))
+        order = np.lexsort((index.ids[members], roots))  # by group, then by id
         members, roots = members[order], roots[order]
-        cuts = np.flatnonzero(np.diff(roots)) + 1
-        for g in np.split(members, cuts):
-            groups.append(np.sort(index.ids[g]))
-            group_labels.append(np.unique(index.labels[g]))
-    order = sorted(range(len(groups)), key=lambda g: (-len(groups[g]), int(groups[g][0])))
-    return DuplicateGroups(float(threshold), [groups[g] for g in order], [group_labels[g] for g in order], len(i))
+        groups = np.split(members, np.flatnonzero(np.diff(roots)) + 1)
+    groups.sort(key=lambda rows: (-len(rows), int(index.ids[rows[0]])))
+    return DuplicateGroups(float(threshold), [index.ids[g] for g in groups], [index.labels[g] for g in groups],
+                           [np.unique(index.labels[g]) for g in groups], len(i))
 
 
 def _components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
