@@ -5,13 +5,19 @@ query against every other, in query blocks, so memory stays O(n·k) (labels) or 
 large the snapshot. Exact on flat snapshots (the stored vectors are searched with ``faiss.knn`` on BLAS); on
 ivf / hnsw snapshots the vectors are reconstructed and searched exactly too, which costs as much as a flat search.
 
-**Label noise.** An item's score is the k-nearest-neighbour estimate of the probability of its given label,
-``p(y_i | x_i) = |{j in N_k(i) : y_j = y_i}| / k`` over its ``k`` nearest *other* items, the classic kNN
-posterior (Cover and Hart 1967) that Cleanlab calls *self-confidence* when it comes from a classifier
-(Northcutt, Jiang and Chuang, "Confident Learning", JAIR 2021). Items are ranked by that probability (lowest
-first), ties broken by the distance-weighted share (votes weighted ``1 / (d² + eps)``), so that among items
-with the same vote count the one whose agreeing neighbours are farther comes first. The suggested label is the
-neighbours' most frequent one (ties: nearest first).
+**Label noise.** Two estimates of how well an item's embedding supports its given label, averaged:
+
+* ``p_given``, local: the share of its ``k`` nearest *other* items that carry its label, the classic kNN
+  estimate of ``p(y_i | x_i)`` (Cover and Hart 1967), which Cleanlab calls *self-confidence* when it comes
+  from a classifier (Northcutt, Jiang and Chuang, "Confident Learning", JAIR 2021);
+* ``p_centroid``, global: the nearest-class-mean view (Mensink et al., TPAMI 2013),
+  ``d²_other / (d²_other + d²_own)`` with ``d²_own`` the distance to the mean of the *other* items of its
+  class and ``d²_other`` to the nearest mean of another class; 1/2 when the two are equally near.
+
+``quality = (p_given + p_centroid) / 2`` ranks the items, lowest (most suspicious) first. The local vote alone
+is coarse (k + 1 values) and is fooled where an item sits among a few others of its wrong label; the class
+means see the whole class. On digits with flipped labels the average ranks the flipped items better than
+either alone (docs/benchmarks.md). The suggested label is the neighbours' most frequent one (ties: nearest).
 """
 
 from __future__ import annotations
@@ -26,7 +32,6 @@ from hardneg.miner.index import VectorIndex, check_k, stored_vectors
 
 DEFAULT_K = 10  # neighbours voting on each item's label; Cleanlab's kNN-based issue managers use 10 too
 QUERY_BLOCK = 4096  # queries per faiss.knn call: FAISS's own BLAS query block
-_EPS = 1e-6  # keeps a zero-distance neighbour's weight finite
 
 
 @dataclass(frozen=True)
@@ -35,8 +40,9 @@ class LabelAudit:
 
     Attributes:
         ids, labels: (n,) int64 the items and their given labels, most suspicious first.
+        quality: (n,) float64 ``(p_given + p_centroid) / 2``, ascending: the ranking.
         p_given: (n,) float64 the share of the k nearest other items that carry the given label.
-        weighted: (n,) float64 the same share with votes weighted by ``1 / (d² + eps)`` (the tie-break).
+        p_centroid: (n,) float64 ``d²_other / (d²_other + d²_own)`` to the class means (own: without the item).
         suggested: (n,) int64 the neighbours' most frequent label.
         p_suggested: (n,) float64 its share of the votes.
         k: neighbours per item.
@@ -44,8 +50,9 @@ class LabelAudit:
 
     ids: np.ndarray
     labels: np.ndarray
+    quality: np.ndarray
     p_given: np.ndarray
-    weighted: np.ndarray
+    p_centroid: np.ndarray
     suggested: np.ndarray
     p_suggested: np.ndarray
     k: int
@@ -54,17 +61,16 @@ class LabelAudit:
         return len(self.ids)
 
     def top(self, fraction: float) -> np.ndarray:
-        """Ids of the ``ceil(fraction * n)`` most suspicious items among those whose neighbours disagree
-        (``p_given < 1``): (m,) int64."""
+        """Ids of the ``ceil(fraction * n)`` most suspicious items: (m,) int64."""
         if isinstance(fraction, bool) or not 0.0 <= fraction <= 1.0:
             raise ValidationError(f"fraction must be between 0 and 1, got {fraction!r}")
-        m = int(np.ceil(fraction * len(self)))
-        return self.ids[:m][self.p_given[:m] < 1.0]
+        return self.ids[:int(np.ceil(fraction * len(self)))]
 
     def rows(self, limit: int | None = None) -> list[dict]:
         """The first ``limit`` (default all) suspects as JSON-able dicts."""
         end = len(self) if limit is None else min(limit, len(self))
-        return [{"rank": r, "id": int(self.ids[r]), "label": int(self.labels[r]), "p_given": float(self.p_given[r]),
+        return [{"rank": r, "id": int(self.ids[r]), "label": int(self.labels[r]), "quality": float(self.quality[r]),
+                 "p_given": float(self.p_given[r]), "p_centroid": float(self.p_centroid[r]),
                  "suggested": int(self.suggested[r]), "p_suggested": float(self.p_suggested[r])}
                 for r in range(end)]
 
@@ -114,7 +120,6 @@ def audit_labels(index: VectorIndex, k: int = DEFAULT_K) -> LabelAudit:
     vectors = stored_vectors(index)
     labels = index.labels
     p_given = np.empty(n)
-    weighted = np.empty(n)
     suggested = np.empty(n, np.int64)
     p_suggested = np.empty(n)
     for s, rows, scores in neighbour_rows(vectors, k, index.distance.faiss_metric):
@@ -122,12 +127,42 @@ def audit_labels(index: VectorIndex, k: int = DEFAULT_K) -> LabelAudit:
         nl = labels[rows]
         agree = nl == labels[s:e, None]
         p_given[s:e] = agree.mean(1)
-        w = 1.0 / (index.distance.to_distance(scores).astype(np.float64) + _EPS)
-        weighted[s:e] = (w * agree).sum(1) / w.sum(1)
         suggested[s:e], p_suggested[s:e] = _mode(nl)
-    order = np.lexsort((index.ids, weighted, p_given))
-    return LabelAudit(index.ids[order], labels[order], p_given[order], weighted[order], suggested[order],
-                      p_suggested[order], k)
+    p_centroid = centroid_confidence(vectors, labels)
+    quality = (p_given + p_centroid) / 2
+    order = np.lexsort((index.ids, p_given, quality))
+    return LabelAudit(index.ids[order], labels[order], quality[order], p_given[order], p_centroid[order],
+                      suggested[order], p_suggested[order], k)
+
+
+def centroid_confidence(vectors: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``d²_other / (d²_other + d²_own)`` for each row of ``vectors`` (n, d), whose ``labels`` (n,) are ascending.
+
+    ``d²_own`` is the squared distance to the mean of the other items of its class (``inf`` when it is alone:
+    the result is then 0), ``d²_other`` to the nearest mean of another class (``inf`` when there is none: 1).
+    Blockwise: memory O(block·d + classes·d).
+    """
+    classes, starts, counts = np.unique(labels, return_index=True, return_counts=True)
+    sums = np.add.reduceat(vectors.astype(np.float64), starts, axis=0)
+    means = (sums / counts[:, None]).astype(np.float32)
+    cls = np.searchsorted(classes, labels)
+    out = np.empty(len(labels))
+    kk = min(2, len(classes))
+    for s in range(0, len(labels), QUERY_BLOCK):
+        x, c = vectors[s:s + QUERY_BLOCK], cls[s:s + QUERY_BLOCK]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            own = (sums[c] - x) / (counts[c] - 1)[:, None]
+        d2_own = np.where(counts[c] > 1, ((x - own) ** 2).sum(1), np.inf)
+        d2, near = faiss.knn(np.ascontiguousarray(x, np.float32), means, kk, metric=faiss.METRIC_L2)
+        if kk == 1:
+            d2_other = np.full(len(x), np.inf)
+        else:  # the nearest mean of another class: the first of the two nearest that is not its own
+            d2_other = np.where(near[:, 0] != c, d2[:, 0], d2[:, 1]).astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            q = d2_other / (d2_other + d2_own)
+        q = np.where(np.isinf(d2_own), 0.0, np.nan_to_num(q, nan=0.5))  # nan: both 0 (an item on both means)
+        out[s:s + len(x)] = np.where(np.isinf(d2_other), 1.0, q)
+    return out
 
 
 def _mode(nl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -18,9 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     asub = audit.add_subparsers(dest="audit_command", required=True, metavar="WHAT")
 
     lab = asub.add_parser("labels", help="rank items by how much their nearest neighbours disagree with their label",
-                          description="Score every item by the share of its k nearest other items that carry its "
-                                      "label (lowest first) and suggest the neighbours' label. Exact on flat "
-                                      "snapshots.")
+                          description="Score every item by how well its embedding supports its label: the mean of "
+                                      "the share of its k nearest other items that carry it and of a class-mean "
+                                      "confidence; lowest first, with the neighbours' most frequent label as the "
+                                      "suggestion. Exact on flat snapshots.")
     _snapshot_args(lab)
     lab.add_argument("-k", type=int, default=DEFAULT_K, help=f"voting neighbours per item (default {DEFAULT_K})")
     lab.add_argument("--out", type=Path, help="write every item's row to this CSV file, most suspicious first")
@@ -58,7 +59,8 @@ def cmd_audit_labels(args: argparse.Namespace) -> int:
     audit = audit_labels(snap.index, args.k)
     if args.out:
         with open(args.out, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["rank", "id", "label", "p_given", "suggested", "p_suggested"])
+            writer = csv.DictWriter(f, fieldnames=["rank", "id", "label", "quality", "p_given", "p_centroid", "suggested",
+                                                   "p_suggested"])
             writer.writeheader()
             writer.writerows(audit.rows())
     rows = audit.rows(max(args.limit, 0))
@@ -69,10 +71,10 @@ def cmd_audit_labels(args: argparse.Namespace) -> int:
     disagree = int((audit.p_given < 1).sum())
     print(f"snapshot {snap.name}: {len(audit)} items, k={audit.k}; {disagree} have a neighbour of another label"
           + (f"; wrote {args.out}" if args.out else ""))
-    print(f"{'rank':>6} {'id':>10} {'label':>6} {'p_given':>8} {'suggested':>9} {'p_sugg':>7}")
+    print(f"{'rank':>6} {'id':>10} {'label':>6} {'quality':>8} {'p_given':>8} {'p_centr':>8} {'suggested':>9}")
     for r in rows:
-        print(f"{r['rank']:>6} {r['id']:>10} {r['label']:>6} {r['p_given']:>8.2f} {r['suggested']:>9} "
-              f"{r['p_suggested']:>7.2f}")
+        print(f"{r['rank']:>6} {r['id']:>10} {r['label']:>6} {r['quality']:>8.3f} {r['p_given']:>8.2f} "
+              f"{r['p_centroid']:>8.3f} {r['suggested']:>9}")
     return 0
 
 

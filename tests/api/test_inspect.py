@@ -102,7 +102,8 @@ def test_drift_equals_the_library(http, inspect_store):
     ("/audit/duplicates", {"threshold": "nan"}), ("/audit/duplicates", {"threshold": "inf"}),
     ("/audit/duplicates", {"threshold": -1}), ("/audit/duplicates", {"threshold": 4}),
     ("/drift", {}), ("/drift", {"from": "pixels-a", "sample": 10_001}), ("/drift", {"from": "pixels-a", "k": 0}),
-    ("/items/99999999999999999999999", {}), ("/items/abc", {}),
+    ("/items/99999999999999999999999", {}), ("/items/abc", {}), ("/audit/labels", {"limt": 5}),
+    ("/drift", {"from": "pixels-a", "sampel": 5}), ("/items/100", {"snapshots": "pixels-a"}),
 ])
 def test_out_of_range_sizes_are_422(http, path, params):
     r = http.get(path, params=params)

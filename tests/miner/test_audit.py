@@ -14,20 +14,23 @@ from hardneg.miner.index import VectorIndex, stored_vectors
 
 
 def brute_audit(index: VectorIndex, k: int) -> dict[int, tuple[float, float, int, float]]:
-    """Per id: (p_given, weighted share, suggested label, its share), from the full d² matrix."""
-    x = stored_vectors(index)
+    """Per id: (p_given, p_centroid, suggested label, its share), from the full d² matrix and class means."""
+    x = stored_vectors(index).astype(np.float64)
     d2 = index.distance.pairwise(x, x)
     np.fill_diagonal(d2, np.inf)
+    classes = np.unique(index.labels)
+    means = {c: x[index.labels == c].mean(0) for c in classes}
     out = {}
     for r in range(index.count):
         near = np.argsort(d2[r], kind="stable")[:k]
         nl = index.labels[near]
-        agree = nl == index.labels[r]
-        w = 1.0 / (d2[r, near] + 1e-6)
         counts = Counter(nl.tolist())
         top = max(counts.values())
         suggested = next(lab for lab in nl.tolist() if counts[lab] == top)  # ties: the nearest
-        out[int(index.ids[r])] = (agree.mean(), (w * agree).sum() / w.sum(), suggested, top / k)
+        mine = (index.labels == index.labels[r]) & (np.arange(index.count) != r)
+        own = ((x[r] - x[mine].mean(0)) ** 2).sum()
+        other = min(((x[r] - means[c]) ** 2).sum() for c in classes if c != index.labels[r])
+        out[int(index.ids[r])] = ((nl == index.labels[r]).mean(), other / (other + own), suggested, top / k)
     return out
 
 
@@ -40,15 +43,15 @@ def test_label_audit_matches_brute_force(clusters, metric, kind):
     want = brute_audit(index, k)
     assert sorted(audit.ids.tolist()) == sorted(want)
     for i, id_ in enumerate(audit.ids.tolist()):
-        p, w, sug, ps = want[id_]
+        p, pc, sug, ps = want[id_]
         assert audit.p_given[i] == pytest.approx(p)
-        assert audit.weighted[i] == pytest.approx(w, rel=1e-3)
+        assert audit.p_centroid[i] == pytest.approx(pc, abs=1e-4)
+        assert audit.quality[i] == pytest.approx((p + pc) / 2, abs=1e-4)
         assert audit.suggested[i] == sug, f"id {id_}"
         assert audit.p_suggested[i] == pytest.approx(ps)
-    # Ranked by p_given, then by the weighted share (both ascending).
-    key = list(zip(audit.p_given.tolist(), audit.weighted.tolist()))
-    assert all(a[0] < b[0] or (a[0] == b[0] and a[1] <= b[1] + 1e-12) for a, b in zip(key, key[1:]))
+    assert np.all(np.diff(audit.quality) >= 0)  # most suspicious first
     assert (audit.p_given < 1).any() and (audit.p_given == 1).any()  # the data exercises both ends
+    assert (audit.p_centroid < 0.5).any() and (audit.p_centroid > 0.5).any()
 
 
 def test_flipped_labels_rank_first(clusters):
@@ -62,8 +65,7 @@ def test_flipped_labels_rank_first(clusters):
     true_label = dict(zip(data.ids.tolist(), data.labels.tolist()))
     assert [int(s) for s in audit.suggested[:10]] == [true_label[int(i)] for i in audit.ids[:10]]
     assert set(audit.top(0.02).tolist()) == set(data.ids[flipped].tolist())
-    disagreed = set(audit.ids[audit.p_given < 1].tolist())
-    assert set(audit.top(1.0).tolist()) == disagreed and len(disagreed) < 500  # never items whose neighbours agree
+    assert audit.top(0.0).tolist() == [] and len(audit.top(0.021)) == 11 and len(audit.top(1.0)) == 500
 
 
 def test_exact_copies_are_not_their_own_neighbours():
@@ -75,6 +77,18 @@ def test_exact_copies_are_not_their_own_neighbours():
     assert got[0] == 0.0  # its 3 copies all say 0
     assert got[1] == pytest.approx(2 / 3)  # two copies say 0, item 0 says 1
     assert got[4] == 1.0 and got[8] == 1.0
+    centroid = dict(zip(audit.ids.tolist(), audit.p_centroid.tolist()))
+    assert centroid[8] == 1.0  # on its class mean, away from the others: d²_own = 0
+    assert audit.ids[0] == 0  # the copy under the wrong label is the first suspect
+
+
+def test_singleton_classes_and_a_single_class():
+    x = np.array([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [5.0, 5.0]], np.float32)
+    audit = audit_labels(VectorIndex.build(x, np.array([0, 0, 0, 1]), metric="l2"), k=2)
+    centroid = dict(zip(audit.ids.tolist(), audit.p_centroid.tolist()))
+    assert centroid[3] == 0.0 and audit.ids[0] == 3  # alone in its class: no support for its label
+    one = audit_labels(VectorIndex.build(x, np.zeros(4, np.int64), metric="l2"), k=2)
+    assert one.p_centroid.tolist() == [1.0] * 4 and one.quality.tolist() == [1.0] * 4  # nothing to confuse
 
 
 @pytest.mark.parametrize("k", [0, -1, 10, 2.5, True])

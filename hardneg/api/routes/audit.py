@@ -6,54 +6,39 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from hardneg.api.audit_schemas import DuplicatesResponse, LabelAuditResponse
+from hardneg.api.audit_schemas import DuplicatesQuery, DuplicatesResponse, LabelAuditQuery, LabelAuditResponse
 from hardneg.api.audits import AuditCacheDep, check_auditable
 from hardneg.api.deps import LanesDep, SettingsDep, StateDep
 from hardneg.api.routes.errors import error_responses
-from hardneg.miner.audit import DEFAULT_K, audit_labels, find_duplicates
+from hardneg.miner.audit import audit_labels, find_duplicates
 
 router = APIRouter(tags=["audit"], responses=error_responses(400, 401, 404, 409, 503))
 
-MAX_LIST = 1000  # suspects or groups in one answer
-MAX_AUDIT_K = 100  # voting neighbours: memory and time grow with n·k
 MAX_PAIRS = 100_000  # a threshold linking more pairs is not a near-duplicate test (400)
-
-SnapshotQuery = Annotated[str | None, Query(max_length=128, description="audit this snapshot (still in the store) "
-                                                                        "instead of the one being served")]
-LimitQuery = Annotated[int, Query(ge=1, le=MAX_LIST, description="entries to return")]
 
 
 @router.get("/audit/labels", response_model=LabelAuditResponse, summary="Suspected label errors, most suspicious first")
-async def get_label_audit(
-    state: StateDep, lanes: LanesDep, settings: SettingsDep, cache: AuditCacheDep,
-    limit: LimitQuery = 50,
-    k: Annotated[int, Query(ge=1, le=MAX_AUDIT_K, description="voting neighbours per item")] = DEFAULT_K,
-    snapshot: SnapshotQuery = None,
-) -> dict:
+async def get_label_audit(q: Annotated[LabelAuditQuery, Query()], state: StateDep, lanes: LanesDep,
+                          settings: SettingsDep, cache: AuditCacheDep) -> dict:
     """Every item scored by the share of its ``k`` nearest other items that carry its label (exact on flat
     snapshots), with the label its neighbours suggest; computed once per snapshot and ``k``."""
-    snap = await state.resolve(snapshot)
+    snap = await state.resolve(q.snapshot)
     check_auditable(snap, settings)
-    audit = await cache.get(("labels", snap.name, k), lambda: audit_labels(snap.index, k), lanes)
+    audit = await cache.get(("labels", snap.name, q.k), lambda: audit_labels(snap.index, q.k), lanes)
     return {"snapshot": snap.name, "k": audit.k, "count": len(audit), "disagreeing": int((audit.p_given < 1).sum()),
-            "suspects": audit.rows(limit)}
+            "suspects": audit.rows(q.limit)}
 
 
 @router.get("/audit/duplicates", response_model=DuplicatesResponse, summary="Groups of near-duplicate items")
-async def get_duplicates(
-    state: StateDep, lanes: LanesDep, settings: SettingsDep, cache: AuditCacheDep,
-    threshold: Annotated[float, Query(ge=0, lt=4, allow_inf_nan=False,
-                                      description="d² at or below which two items are near-duplicates")] = 1e-3,
-    limit: LimitQuery = 50,
-    snapshot: SnapshotQuery = None,
-) -> dict:
+async def get_duplicates(q: Annotated[DuplicatesQuery, Query()], state: StateDep, lanes: LanesDep,
+                         settings: SettingsDep, cache: AuditCacheDep) -> dict:
     """Items linked by pairs within ``d² <= threshold`` (transitively), largest group first, split into groups of
     one label (redundant copies) and of several labels (conflicts)."""
-    snap = await state.resolve(snapshot)
+    snap = await state.resolve(q.snapshot)
     check_auditable(snap, settings)
-    dup = await cache.get(("duplicates", snap.name, threshold),
-                          lambda: find_duplicates(snap.index, threshold, MAX_PAIRS), lanes)
+    dup = await cache.get(("duplicates", snap.name, q.threshold),
+                          lambda: find_duplicates(snap.index, q.threshold, MAX_PAIRS), lanes)
     same, conflicts = dup.same_label, dup.conflicts
     return {"snapshot": snap.name, "threshold": dup.threshold, "pairs": dup.pairs, "same_label_groups": len(same),
-            "different_label_groups": len(conflicts), "same_label": [dup.group_dict(i) for i in same[:limit]],
-            "different_label": [dup.group_dict(i) for i in conflicts[:limit]]}
+            "different_label_groups": len(conflicts), "same_label": [dup.group_dict(i) for i in same[:q.limit]],
+            "different_label": [dup.group_dict(i) for i in conflicts[:q.limit]]}

@@ -10,7 +10,7 @@ import numpy as np
 from fastapi import APIRouter, Path, Query, Response
 from PIL import Image
 
-from hardneg.api.audit_schemas import ItemResponse, SnapshotHistory
+from hardneg.api.audit_schemas import ItemResponse, SnapshotHistory, SnapshotQuery
 from hardneg.api.deps import ServedDep, StateDep
 from hardneg.api.routes.errors import error_responses
 from hardneg.miner.errors import NotFoundError
@@ -18,8 +18,7 @@ from hardneg.miner.errors import NotFoundError
 router = APIRouter(tags=["items"], responses=error_responses(400, 401, 404, 409, 503))
 
 ItemId = Annotated[int, Path(ge=-(2**63), le=2**63 - 1, description="id of a stored item")]
-SnapshotQuery = Annotated[str | None, Query(max_length=128, description="look in this snapshot (still in the store) "
-                                                                        "instead of the one being served")]
+InSnapshot = Annotated[SnapshotQuery, Query()]
 
 
 @router.get("/snapshots", response_model=SnapshotHistory, summary="The store's snapshots, newest first")
@@ -30,21 +29,21 @@ async def get_snapshots(state: StateDep, served: ServedDep) -> dict:
 
 
 @router.get("/items/{item_id}", response_model=ItemResponse, summary="One stored item's label")
-async def get_item(item_id: ItemId, state: StateDep, snapshot: SnapshotQuery = None) -> dict:
-    snap = await state.resolve(snapshot)
+async def get_item(item_id: ItemId, q: InSnapshot, state: StateDep) -> dict:
+    snap = await state.resolve(q.snapshot)
     row = int(snap.index.rows_of([item_id])[0])  # NotFoundError (404) names an unknown id
     return {"snapshot": snap.name, "id": item_id, "label": int(snap.index.labels[row]), "thumb": snap.thumbs is not None}
 
 
 @router.get("/items/{item_id}/thumb.png", response_class=Response, summary="One stored item's thumbnail",
             responses={200: {"content": {"image/png": {}}, "description": "the thumbnail as a PNG"}})
-async def get_thumb(item_id: ItemId, state: StateDep, snapshot: SnapshotQuery = None) -> Response:
-    snap = await state.resolve(snapshot)
+async def get_thumb(item_id: ItemId, q: InSnapshot, state: StateDep) -> Response:
+    snap = await state.resolve(q.snapshot)
     if snap.thumbs is None:
         raise NotFoundError(f"snapshot {snap.name} has no thumbnails (thumbs.npy)")
     row = int(snap.index.rows_of([item_id])[0])
     # A named snapshot never changes; without a name the answer follows the served one.
-    cache = "private, max-age=3600" if snapshot is not None else "no-cache"
+    cache = "private, max-age=3600" if q.snapshot is not None else "no-cache"
     return Response(png(np.asarray(snap.thumbs[row])), media_type="image/png", headers={"Cache-Control": cache})
 
 

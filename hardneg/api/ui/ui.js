@@ -119,10 +119,11 @@ async function loadSuspects() {
     const first = audit.suspects[0];
     const hasThumbs = first ? (await call(`/items/${first.id}`, { snapshot: ui.snapshot })).thumb : false;
     $("audit-summary").textContent = `${audit.snapshot}: ${audit.disagreeing} of ${audit.count} items have a ` +
-      `neighbour of another label (k=${audit.k}); the most suspicious first (p = share of neighbours agreeing).`;
+      `neighbour of another label (k=${audit.k}); the most suspicious first (q = label quality: the mean of ` +
+      `the neighbours' agreement and the class-mean confidence; → the neighbours' label).`;
     $("duplicates").replaceChildren();
     $("suspects").replaceChildren(...audit.suspects.map((s) =>
-      tile(s, { hasThumbs, note: `p ${s.p_given.toFixed(2)} → ${s.suggested}` })));
+      tile(s, { hasThumbs, note: `q ${s.quality.toFixed(2)} → ${s.suggested}` })));
   } catch (err) { showError(err); }
 }
 

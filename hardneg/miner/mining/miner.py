@@ -6,9 +6,10 @@ One pass goes:
    positive-aware guard depend on ``d²(a, p)``;
 2. a batched wrong-label search for every anchor at once (:mod:`hardneg.miner.mining.search`: exact on
    flat indexes, on FAISS's BLAS path; approximate indexes through their own search path);
-3. the guards (and, with ``exclude_suspects``, the suspected label errors) drop candidates, the strategy says which anchors need a deeper pool, and only those are
-   searched again with twice the width, until satisfied or their class complement is exhausted (the loop
-   of :mod:`hardneg.miner.mining.core`, shared with query mode);
+3. the guards (and, with ``exclude_suspects``, the suspected label errors) drop candidates, the strategy
+   says which anchors need a deeper pool, and only those are searched again with twice the width, until
+   satisfied or their class complement is exhausted (the loop of :mod:`hardneg.miner.mining.core`, shared
+   with query mode);
 4. the strategy picks negatives; triplets and pairs are assembled with numpy, and statistics computed.
 """
 
@@ -89,7 +90,7 @@ def mine(index: VectorIndex, config: MiningConfig, anchors: np.ndarray | None = 
 
 def suspect_mask(index: VectorIndex, fraction: float | None) -> np.ndarray | None:
     """(n,) bool over rows: the top ``fraction`` of label-noise suspects (:func:`hardneg.miner.audit.audit_labels`
-    at its default k), or None when ``fraction`` is None. Items whose neighbours all agree are never suspects."""
+    at its default k), or None when ``fraction`` is None."""
     if fraction is None:
         return None
     mask = np.zeros(index.count, bool)
