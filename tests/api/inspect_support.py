@@ -3,6 +3,8 @@
 Two snapshots of 300 digits with their 8x8 images as thumbnails: ``pixels-a`` (the raw pixels as cosine
 vectors) and then ``pixels-b`` (LATEST; the same items with Gaussian noise added, 6 labels flipped and one
 image copied onto another item of another label), so the audits and the drift have something to find.
+``pixels-b`` carries a model (``model.pt2``, input (1, 8, 8) in [0, 1], the pixels times 16, as digits'
+raw values are), so images can be searched by content.
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ from pathlib import Path
 import numpy as np
 from sklearn.datasets import load_digits
 
+import torch
+
 from hardneg.miner.index import VectorIndex
-from hardneg.miner.store import SnapshotStore
+from hardneg.miner.model_io import export_model
+from hardneg.miner.store import MODEL_FILE, SnapshotStore
 
 N_ITEMS = 300
 FLIPPED = np.array([3, 50, 99, 150, 201, 250])  # positions whose label is flipped in pixels-b
+INPUT_SHAPE = (1, 8, 8)
 COPY_FROM, COPY_TO = 10, 11  # pixels-b: item 11 gets item 10's image (and keeps its own, different label)
 
 
@@ -47,5 +53,11 @@ def build_inspect_store(root: Path) -> InspectStore:
     thumbs_b[COPY_TO] = thumbs[COPY_FROM]
     assert lb[COPY_TO] != lb[COPY_FROM]
     b = VectorIndex.build(xb, lb, ids)
-    store.publish(b, name="pixels-b", thumbs=thumbs_b, thumb_ids=ids)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 64, bias=False)).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(16 * torch.eye(64))
+    pt2 = root.parent / "pixels-model.pt2"
+    assert export_model(model, INPUT_SHAPE, pt2)
+    store.publish(b, name="pixels-b", thumbs=thumbs_b, thumb_ids=ids, model={"input_shape": list(INPUT_SHAPE)},
+                  extra_files={MODEL_FILE: pt2})
     return InspectStore(root, ids, thumbs_b, {"pixels-a": a, "pixels-b": b})

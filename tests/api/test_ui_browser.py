@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from PIL import Image
 from api_support import API_KEY, wait_for
 from browser_support import BrowserMissing, artifacts_dir, chrome
 from inspect_support import FLIPPED, build_inspect_store
@@ -40,11 +41,12 @@ def server(tmp_path_factory, start_server):
 
 
 def tiles(driver, container: str) -> list[tuple[int, int, str]]:
-    """(data-id, data-label, visible text) of each tile in ``#container``."""
-    from selenium.webdriver.common.by import By
-
-    return [(int(t.get_attribute("data-id")), int(t.get_attribute("data-label")), t.text)
-            for t in driver.find_elements(By.CSS_SELECTOR, f"#{container} .tile")]
+    """(data-id, data-label, visible text) of each tile in ``#container``, read in one script (the page may
+    replace the tiles at any moment)."""
+    found = driver.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].map(t => [t.dataset.id, t.dataset.label, t.innerText])",
+        f"#{container} .tile")
+    return [(int(i), int(lab) if lab is not None else -1, text) for i, lab, text in found if i is not None]
 
 
 def thumbnails_loaded(driver) -> bool:
@@ -53,7 +55,7 @@ def thumbnails_loaded(driver) -> bool:
         "return [...document.querySelectorAll('.tile img')].every(i => i.complete && i.naturalWidth === 8)")
 
 
-def test_page_shows_what_the_api_returns(browser, server):
+def test_page_shows_what_the_api_returns(browser, server, tmp_path):
     from selenium.webdriver.common.by import By
 
     srv, store = server
@@ -99,6 +101,17 @@ def test_page_shows_what_the_api_returns(browser, server):
     audit = api.get("/audit/labels", params={"limit": 24}).json()
     wait_for(lambda: len(tiles(browser, "suspects")) == 24, what="the suspects")
     assert [(i, lab) for i, lab, _ in tiles(browser, "suspects")] == [(s["id"], s["label"]) for s in audit["suspects"]]
+
+    # An uploaded picture is embedded by the snapshot's model: the page must show what POST /neighbors returns
+    # for the same inputs (the PNG's pixels / 255, as the page computes them).
+    picture = tmp_path / "digit.png"
+    pixels = store.thumbs[int(FLIPPED[2])]
+    Image.fromarray(pixels).save(picture)
+    browser.find_element(By.ID, "upload").send_keys(str(picture))
+    want = api.post("/neighbors", json={"inputs": [(pixels[None] / 255).tolist()], "k": 6}).json()["results"][0]
+    wait_for(lambda: [t[0] for t in tiles(browser, "neighbors")] == [n["id"] for n in want], what="the upload's tiles")
+    assert [(i, lab) for i, lab, _ in tiles(browser, "neighbors")] == [(n["id"], n["label"]) for n in want]
+    assert want[0]["id"] == int(store.ids[FLIPPED[2]])  # the picture finds its own item first
 
     browser.find_element(By.ID, "item-id").clear()
     browser.find_element(By.ID, "item-id").send_keys(str(item_id))

@@ -9,11 +9,17 @@ const $ = (id) => document.getElementById(id);
 
 class AuthError extends Error {}
 
-async function call(path, params = {}, as = "json") {
+async function call(path, params = {}, as = "json", body = undefined) {
   const url = new URL(path, window.location.origin);
   for (const [k, v] of Object.entries(params)) if (v !== undefined && v !== null && v !== "") url.searchParams.set(k, v);
   const headers = ui.key ? { "X-API-Key": ui.key } : {};
-  const resp = await fetch(url, { headers });
+  const init = { headers };
+  if (body !== undefined) {
+    init.method = "POST";
+    init.body = JSON.stringify(body);
+    headers["Content-Type"] = "application/json";
+  }
+  const resp = await fetch(url, init);
   if (resp.status === 401) {
     askForKey(ui.key ? "That API key was refused; enter the right one." : "This service needs its API key.");
     throw new AuthError("API key needed");
@@ -79,6 +85,10 @@ function tile(item, { note, query = false, queryLabel = null, hasThumbs = false 
 async function loadHeader() {
   const [manifest, history] = await Promise.all([call("/snapshot"), call("/snapshots")]);
   ui.served = manifest.name;
+  ui.inputShape = manifest.model && Array.isArray(manifest.model.input_shape) && manifest.files["model.pt2"]
+    ? manifest.model.input_shape : null;
+  // Raw images can be searched when the served snapshot has its model (C x H x W, or H x W).
+  $("upload-label").hidden = !(ui.inputShape && [2, 3].includes(ui.inputShape.length));
   if (!ui.snapshot) ui.snapshot = manifest.name;
   $("served").textContent = `serving ${manifest.name}: ${manifest.count} items, dim ${manifest.dim}, ` +
     `${manifest.metric}, ${manifest.index.factory}, published ${manifest.created_at.slice(0, 19).replace("T", " ")}`;
@@ -108,6 +118,36 @@ async function showItem(id) {
     $("item").replaceChildren(tile(item, { query: true, hasThumbs: item.thumb, note: "the query" }));
     $("neighbors").replaceChildren(...near.results[0].map((n) => tile(n, { ...opts, note: `d² ${n.distance.toFixed(3)}` })));
     $("hard-negatives").replaceChildren(...hard.results[0].map((n) => tile(n, { ...opts, note: `d² ${n.distance.toFixed(3)}` })));
+    $("item-view").hidden = false;
+  } catch (err) { showError(err); }
+}
+
+// An uploaded image, resized to the model's input shape with values in [0, 1] (grey: the channel mean),
+// embedded by the served snapshot's own model through POST /neighbors {"inputs": ...}.
+async function searchImage(file) {
+  clearError();
+  try {
+    const shape = ui.inputShape;
+    const [c, h, w] = shape.length === 3 ? shape : [1, ...shape];
+    const canvas = document.createElement("canvas");
+    canvas.width = w; canvas.height = h;
+    const ctx = canvas.getContext("2d");
+    ctx.drawImage(await createImageBitmap(file), 0, 0, w, h);
+    const px = ctx.getImageData(0, 0, w, h).data;
+    const channel = (ch) => Array.from({ length: h }, (_, y) => Array.from({ length: w }, (_, x) => {
+      const i = 4 * (y * w + x);
+      return ch === null ? (px[i] + px[i + 1] + px[i + 2]) / 3 / 255 : px[i + ch] / 255;
+    }));
+    const input = c === 1 ? [channel(null)] : [0, 1, 2].slice(0, c).map(channel);
+    const k = Number($("k").value) || 8;
+    const near = await call("/neighbors", {}, "json", { inputs: [shape.length === 3 ? input : input[0]], k, snapshot: ui.snapshot });
+    const query = el("div", "tile query");
+    const img = el("img"); img.src = URL.createObjectURL(file); img.alt = "uploaded image";
+    query.append(img, el("span", "tile-id", "uploaded"), el("span", "tile-label", "label ?"));
+    const hasThumbs = near.results[0].length ? (await call(`/items/${near.results[0][0].id}`, { snapshot: near.snapshot })).thumb : false;
+    $("item").replaceChildren(query);
+    $("neighbors").replaceChildren(...near.results[0].map((n) => tile(n, { hasThumbs, note: `d² ${n.distance.toFixed(3)}` })));
+    $("hard-negatives").replaceChildren(el("span", "muted", "an uploaded image has no label, so no wrong-label neighbours"));
     $("item-view").hidden = false;
   } catch (err) { showError(err); }
 }
@@ -199,6 +239,7 @@ $("snapshot-select").addEventListener("change", (e) => {
   const id = $("item-id").value;
   if (id) showItem(id);
 });
+$("upload").addEventListener("change", (e) => { if (e.target.files.length) searchImage(e.target.files[0]); });
 $("load-suspects").addEventListener("click", loadSuspects);
 $("load-duplicates").addEventListener("click", loadDuplicates);
 $("load-drift").addEventListener("click", loadDrift);
