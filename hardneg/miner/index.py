@@ -491,7 +491,12 @@ def stored_vectors(index: VectorIndex) -> np.ndarray:
     """The prepared vectors of every row of ``index``: (n, d) float32 (lossy for compressed indexes)."""
     if index.count == 0:
         return np.empty((0, index.dim), np.float32)
-    return index.index.reconstruct_n(0, index.count)
+    try:
+        return index.index.reconstruct_n(0, index.count)
+    except RuntimeError as e:
+        raise ValidationError(f"this {index.spec.factory!r} index cannot return its stored vectors "
+                              f"({_faiss_reason(e)}); mining and audits need flat, ivf, hnsw or another FAISS index "
+                              "that supports reconstruct") from None
 
 
 def check_vectors(x: np.ndarray, name: str, dim: int | None = None) -> np.ndarray:

@@ -160,3 +160,13 @@ def test_a_snapshot_without_thumbnails(asgi_client, api_store):
     assert asgi_client.get(f"/items/{id_}").json()["thumb"] is False
     r = asgi_client.get(f"/items/{id_}/thumb.png")
     assert r.status_code == 404 and "has no thumbnails" in r.json()["detail"]
+
+
+def test_audits_of_approximate_snapshots_read_their_reconstructed_vectors(asgi_client, api_store):
+    """An hnsw snapshot is audited exactly on the vectors it stores (as the library does)."""
+    index = SnapshotStore(api_store.root).open("hnsw-1").index
+    body = asgi_client.get("/audit/labels", params={"snapshot": "hnsw-1", "limit": 10, "k": 5}).json()
+    assert body["suspects"] == audit_labels(index, 5).rows(10)
+    common = set(api_store.snapshots["hnsw-1"].ids.tolist()) & set(api_store.snapshots["cos-1"].ids.tolist())
+    drift = asgi_client.get("/drift", params={"from": "hnsw-1", "to": "cos-1", "k": 3})
+    assert drift.status_code == 200 and drift.json()["common"] == len(common) > 3
