@@ -113,8 +113,9 @@ class LabelAuditQuery(SnapshotQuery):
 
 
 class DuplicatesQuery(SnapshotQuery):
-    threshold: float = Field(1e-3, ge=0, lt=4, allow_inf_nan=False,
-                             description="d² at or below which two items are near-duplicates")
+    threshold: float = Field(1e-3, ge=0, allow_inf_nan=False,
+                             description="d² at or below which two items are near-duplicates (below 4 on cosine "
+                                         "snapshots)")
     limit: int = Field(50, ge=1, le=MAX_LIST, description="groups of each kind to return")
 
 

@@ -247,6 +247,8 @@ def find_duplicates(index: VectorIndex, threshold: float, max_pairs: int = 1_000
         threshold: the ``d²`` below which two items count as near-duplicates (e.g. 1e-3 for copies).
         max_pairs: refuse (ValidationError) thresholds that link more pairs than this.
     """
+    if isinstance(max_pairs, bool) or not isinstance(max_pairs, (int, np.integer)) or max_pairs < 1:
+        raise ValidationError(f"max_pairs must be a positive integer, got {max_pairs!r}")
     i, j = near_duplicate_pairs(index, threshold, max_pairs)
     comp = _components(index.count, i, j)
     members = np.unique(np.concatenate([i, j]))

@@ -143,6 +143,8 @@ def test_duplicate_groups_match_brute_force(clusters, metric):
     got = sorted((g.tolist(), lab.tolist()) for g, lab in zip(dup.groups, dup.group_labels))
     assert got == brute_groups(index, threshold)
     assert len(got) >= 15
+    label_of = dict(zip(index.ids.tolist(), index.labels.tolist()))
+    assert all(il.tolist() == [label_of[i] for i in g.tolist()] for g, il in zip(dup.groups, dup.id_labels))
     assert all(len(dup.group_labels[i]) == 1 for i in dup.same_label)
     assert all(len(dup.group_labels[i]) > 1 for i in dup.conflicts)
     assert len(dup.same_label) + len(dup.conflicts) == len(dup.groups) and dup.same_label and dup.conflicts
@@ -162,6 +164,13 @@ def test_duplicates_refuse_bad_thresholds(clusters, threshold):
     data = clusters(20, 4, 2, seed=1)
     with pytest.raises(ValidationError, match="threshold"):
         find_duplicates(VectorIndex.build(data.vectors, data.labels), threshold)
+
+
+@pytest.mark.parametrize("max_pairs", [0, -1, 2.5, True])
+def test_duplicates_refuse_a_bad_pair_cap(clusters, max_pairs):
+    data = clusters(20, 4, 2, seed=1)
+    with pytest.raises(ValidationError, match="max_pairs must be a positive integer"):
+        find_duplicates(VectorIndex.build(data.vectors, data.labels), 0.1, max_pairs=max_pairs)
 
 
 def test_duplicates_refuse_a_threshold_linking_too_many_pairs(clusters):
