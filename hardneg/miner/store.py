@@ -302,7 +302,7 @@ class SnapshotStore:
             retain: apply retention afterwards.
             thumbs: optional uint8 thumbnails (m, H, W) or (m, H, W, C) with C 1, 3 or 4, at most
                 ``THUMB_MAX_SIDE`` pixels a side and ``THUMBS_MAX_BYTES`` in all; ``thumbs[i]`` shows item
-                ``thumb_ids[i]``. Every item needs one.
+                ``thumb_ids[i]``. Every item needs one. :func:`to_thumbs` makes them from model inputs.
             thumb_ids: (m,) the ids the thumbnails show (default: the index's ids in ascending order, e.g. 0..n-1).
 
         Returns:
@@ -673,3 +673,33 @@ def load_thumbs(name: str, path: Path, manifest: Mapping, count: int) -> np.ndar
         return check_thumbs(thumbs, count)
     except ValidationError as e:
         raise SnapshotError(f"snapshot {name!r}: {THUMBS_FILE} is invalid ({e})") from None
+
+
+def to_thumbs(images: np.ndarray, max_side: int = THUMB_MAX_SIDE) -> np.ndarray:
+    """Model inputs as thumbnails for :meth:`SnapshotStore.publish`: (n, H, W) or (n, H, W, C) uint8.
+
+    Args:
+        images: (n, H, W), (n, C, H, W) (channels first, as torch holds images) or (n, H, W, C) with C 1, 3
+            or 4; floats in [0, 1] (clipped) or uint8.
+        max_side: images larger than this are shrunk (Pillow, area-averaged) to fit, keeping their aspect.
+    """
+    x = np.asarray(images)
+    if x.ndim == 4 and x.shape[1] in (1, 3, 4) and x.shape[3] not in (1, 3, 4):
+        x = x.transpose(0, 2, 3, 1)  # channels first -> last
+    if x.ndim == 4 and x.shape[3] == 1:
+        x = x[..., 0]
+    if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[3] not in (3, 4)):
+        raise ValidationError(f"images must be (n, H, W), (n, C, H, W) or (n, H, W, C) with C 1, 3 or 4; "
+                              f"got shape {np.shape(images)}")
+    if np.issubdtype(x.dtype, np.floating):
+        x = (np.clip(np.nan_to_num(x), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    elif x.dtype != np.uint8:
+        raise ValidationError(f"images must be floats in [0, 1] or uint8, got {x.dtype}")
+    h, w = x.shape[1:3]
+    if max(h, w) > max_side:
+        from PIL import Image
+
+        scale = max_side / max(h, w)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        x = np.stack([np.asarray(Image.fromarray(im).resize(size, Image.Resampling.BOX)) for im in x])
+    return np.ascontiguousarray(x)

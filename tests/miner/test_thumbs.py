@@ -7,7 +7,7 @@ import pytest
 
 from hardneg.miner.errors import NotFoundError, SnapshotError, ValidationError
 from hardneg.miner.index import VectorIndex
-from hardneg.miner.store import THUMB_MAX_SIDE, THUMBS_FILE, SnapshotStore
+from hardneg.miner.store import THUMB_MAX_SIDE, THUMBS_FILE, SnapshotStore, to_thumbs
 
 
 @pytest.fixture()
@@ -85,3 +85,29 @@ def test_thumbnail_ids_must_be_the_index_ids(tmp_path, index):
     ids[0] = ids[1]
     with pytest.raises(ValidationError, match="unique"):
         SnapshotStore(tmp_path).publish(index, thumbs=images(40, 5), thumb_ids=ids)
+
+
+def test_to_thumbs_turns_model_inputs_into_thumbnails(tmp_path, index):
+    rng = np.random.default_rng(6)
+    grey = rng.random((40, 1, 8, 8)).astype(np.float32)  # torch's (n, C, H, W), values in [0, 1]
+    t = to_thumbs(grey)
+    assert t.dtype == np.uint8 and t.shape == (40, 8, 8)
+    np.testing.assert_array_equal(t, (grey[:, 0] * 255).round().astype(np.uint8))
+    rgb = rng.random((40, 3, 300, 150))
+    small = to_thumbs(rgb)
+    assert small.shape == (40, THUMB_MAX_SIDE, 64, 3)
+    # BOX resampling averages: a constant image stays constant.
+    flat = to_thumbs(np.full((2, 256, 256), 0.5))
+    assert flat.shape == (2, 128, 128) and np.all(flat == 128)
+    name = SnapshotStore(tmp_path).publish(index, thumbs=t)
+    assert SnapshotStore(tmp_path).open(name).load_thumbs().shape == (40, 8, 8)
+
+
+@pytest.mark.parametrize("images,match", [
+    (np.zeros((4, 8)), "must be \\(n, H, W\\)"),
+    (np.zeros((4, 8, 8, 2)), "C 1, 3 or 4"),
+    (np.zeros((4, 8, 8), np.int32), "floats in \\[0, 1\\] or uint8"),
+])
+def test_to_thumbs_refuses_what_is_not_an_image(images, match):
+    with pytest.raises(ValidationError, match=match):
+        to_thumbs(images)
