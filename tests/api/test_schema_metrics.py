@@ -18,19 +18,28 @@ ROUTES = {
     ("get", "/snapshot"): "SnapshotManifest",
     ("get", "/healthz"): "HealthResponse",
     ("get", "/readyz"): "ReadyResponse",
+    ("get", "/snapshots"): "SnapshotHistory",
+    ("get", "/items/{item_id}"): "ItemResponse",
+    ("get", "/audit/labels"): "LabelAuditResponse",
+    ("get", "/audit/duplicates"): "DuplicatesResponse",
+    ("get", "/drift"): "DriftResponse",
 }
-PROTECTED = {("post", "/neighbors"), ("post", "/mine"), ("get", "/neighbors/{item_id}"), ("get", "/snapshot"), ("get", "/metrics")}
+NOT_JSON = {("get", "/metrics"), ("get", "/items/{item_id}/thumb.png")}
+PROTECTED = {("post", "/neighbors"), ("post", "/mine"), ("get", "/neighbors/{item_id}"), ("get", "/snapshot"), ("get", "/metrics"),
+             ("get", "/snapshots"), ("get", "/items/{item_id}"), ("get", "/items/{item_id}/thumb.png"),
+             ("get", "/audit/labels"), ("get", "/audit/duplicates"), ("get", "/drift")}
 
 
 def test_openapi_lists_every_route_with_its_models(asgi_client) -> None:
     spec = asgi_client.get("/openapi.json").json()
     paths = spec["paths"]
-    assert {(m, p) for p, ops in paths.items() for m in ops} == set(ROUTES) | {("get", "/metrics")}
+    assert {(m, p) for p, ops in paths.items() for m in ops} == set(ROUTES) | NOT_JSON
     for (method, path), model in ROUTES.items():
         ok = paths[path][method]["responses"]["200"]["content"]["application/json"]["schema"]
         assert ok == {"$ref": f"#/components/schemas/{model}"}, (path, ok)
     metrics_ok = paths["/metrics"]["get"]["responses"]["200"]["content"]
     assert metrics_ok == {"text/plain": {"schema": {"type": "string"}}}
+    assert "image/png" in paths["/items/{item_id}/thumb.png"]["get"]["responses"]["200"]["content"]
 
     post = paths["/neighbors"]["post"]
     assert post["requestBody"]["content"]["application/json"]["schema"] == {
