@@ -91,7 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # checked before the body limit reads a byte of the body.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     api_key = settings.api_key.get_secret_value().encode() if settings.api_key is not None else None
-    open_paths = OPEN_PATHS | ({"/metrics"} if settings.metrics_open else set())
+    open_paths = OPEN_PATHS | ui.UI_PATHS | ({"/metrics"} if settings.metrics_open else set())
     app.add_middleware(ApiKeyMiddleware, key=api_key, open_paths=frozenset(open_paths))
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=[r for router, _ in routers for r in router.routes])
     return app

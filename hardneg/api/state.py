@@ -37,7 +37,7 @@ class NotReadyError(RuntimeError):
 @dataclass(frozen=True)
 class ServedSnapshot:
     """A verified, loaded snapshot: its ``manifest``, its ``index`` and, when it has them, its embedding ``model``
-    and its ``thumbs`` (n, H, W[, C]) uint8 in row order (memory-mapped)."""
+    and its ``thumbs`` (n, H, W[, C]) uint8 in row order."""
 
     name: str
     manifest: dict
@@ -77,7 +77,7 @@ def load_snapshot(store: SnapshotStore, name: str, torch_threads: int = 1, load_
         torch.set_num_threads(torch_threads)  # same budget as FAISS: lanes x threads <= cores
         model = load_exported(data, spec["input_shape"])
     return ServedSnapshot(snap.name, snap.manifest, snap.index, model, has_model_file=snap.model_path is not None,
-                          thumbs=snap.load_thumbs())
+                          thumbs=store.load_thumbs(snap))
 
 
 @dataclass

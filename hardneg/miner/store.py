@@ -209,13 +209,6 @@ class Snapshot:
         """The exported model file, when the snapshot has one."""
         return self.path / MODEL_FILE if MODEL_FILE in self.manifest["files"] else None
 
-    def load_thumbs(self) -> np.ndarray | None:
-        """The thumbnails (n, H, W[, C]) uint8 in row order (memory-mapped), or None when the snapshot has none.
-
-        The file was checksummed when the snapshot was opened; its shape and dtype are checked here too.
-        """
-        return load_thumbs(self.name, self.path, self.manifest, self.index.count)
-
 
 class SnapshotStore:
     """Publish, list, verify, open and retain snapshots under ``root``.
@@ -562,6 +555,24 @@ class SnapshotStore:
             raise SnapshotError(f"snapshot {name!r}: {e}") from None
         return Snapshot(name, self.path_of(name), manifest, index)
 
+    def load_thumbs(self, snap: Snapshot) -> np.ndarray | None:
+        """``snap``'s thumbnails (n, H, W[, C]) uint8 in row order, or None when it has none.
+
+        Parsed from the bytes checked against the (signed) manifest, like every other file; shape and dtype
+        are checked too.
+        """
+        if THUMBS_FILE not in snap.manifest["files"]:
+            return None
+        data = self.read_file(snap.name, THUMBS_FILE, snap.manifest)
+        try:
+            thumbs = np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise SnapshotError(f"snapshot {snap.name!r}: cannot load {THUMBS_FILE} ({e})") from None
+        try:
+            return check_thumbs(thumbs, snap.index.count)
+        except ValidationError as e:
+            raise SnapshotError(f"snapshot {snap.name!r}: {THUMBS_FILE} is invalid ({e})") from None
+
     def _require_latest(self) -> str:
         name = self.latest_name()
         if name is None:
@@ -659,20 +670,6 @@ def thumbs_in_row_order(index: VectorIndex, thumbs: np.ndarray, thumb_ids: np.nd
     out = np.empty_like(thumbs)
     out[index.rows_of(thumb_ids)] = thumbs  # NotFoundError names ids the index does not hold
     return out
-
-
-def load_thumbs(name: str, path: Path, manifest: Mapping, count: int) -> np.ndarray | None:
-    """The verified snapshot ``name``'s thumbnails (memory-mapped, row order), or None when it has none."""
-    if THUMBS_FILE not in manifest["files"]:
-        return None
-    try:
-        thumbs = np.load(path / THUMBS_FILE, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise SnapshotError(f"snapshot {name!r}: cannot load {THUMBS_FILE} ({e})") from None
-    try:
-        return check_thumbs(thumbs, count)
-    except ValidationError as e:
-        raise SnapshotError(f"snapshot {name!r}: {THUMBS_FILE} is invalid ({e})") from None
 
 
 def to_thumbs(images: np.ndarray, max_side: int = THUMB_MAX_SIDE) -> np.ndarray:

@@ -4,7 +4,8 @@ Two snapshots of 300 digits with their 8x8 images as thumbnails: ``pixels-a`` (t
 vectors) and then ``pixels-b`` (LATEST; the same items with Gaussian noise added, 6 labels flipped and one
 image copied onto another item of another label), so the audits and the drift have something to find.
 ``pixels-b`` carries a model (``model.pt2``, input (1, 8, 8) in [0, 1], the pixels times 16, as digits'
-raw values are), so images can be searched by content.
+raw values are), so images can be searched by content. The store is signed with ``STORE_KEY``, so a server
+given that key loads the model.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from sklearn.datasets import load_digits
 
 import torch
+from api_support import STORE_KEY
 
 from hardneg.miner.index import VectorIndex
 from hardneg.miner.model_io import export_model
@@ -41,7 +43,7 @@ def build_inspect_store(root: Path) -> InspectStore:
     labels = digits.target[:N_ITEMS].astype(np.int64)
     ids = np.arange(N_ITEMS, dtype=np.int64) * 3 + 100  # ids that are not row numbers
     thumbs = (digits.images[:N_ITEMS] * (255 / 16)).round().astype(np.uint8)
-    store = SnapshotStore(root)
+    store = SnapshotStore(root, key=STORE_KEY)
     a = VectorIndex.build(x, labels, ids)
     store.publish(a, name="pixels-a", thumbs=thumbs, thumb_ids=ids)
     rng = np.random.default_rng(17)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
-from api_support import API_KEY, TestClient, wait_for
+from api_support import API_KEY, STORE_KEY, TestClient, wait_for
 from inspect_support import COPY_FROM, COPY_TO, FLIPPED, InspectStore, build_inspect_store
 from PIL import Image
 
@@ -31,7 +31,7 @@ def inspect_store(tmp_path_factory) -> InspectStore:
 
 @pytest.fixture(scope="module")
 def server(inspect_store, start_server):
-    s = start_server(inspect_store.root, {"HARDNEG_API_KEY": API_KEY})
+    s = start_server(inspect_store.root, {"HARDNEG_API_KEY": API_KEY, "HARDNEG_STORE_KEY": STORE_KEY})
     wait_for(lambda: httpx.get(f"{s.url}/readyz").status_code == 200, what="/readyz")
     return s
 
@@ -138,8 +138,9 @@ def test_the_page_is_open_but_holds_no_data(server):
     assert "/ui/ui.js" in page.text and "pixels" not in page.text
     assert httpx.get(f"{server.url}/ui/ui.js").headers["content-type"].startswith("text/javascript")
     assert httpx.get(f"{server.url}/ui/ui.css").status_code == 200
-    for bad in ("/ui/index.html", "/ui/..%2Fsettings.py", "/ui/ui.py"):
-        assert httpx.get(f"{server.url}{bad}").status_code == 404
+    for bad in ("/ui/index.html", "/ui/..%2Fsettings.py", "/ui/ui.py"):  # only the page's own files are open
+        assert httpx.get(f"{server.url}{bad}").status_code == 401
+        assert httpx.get(f"{server.url}{bad}", headers={"X-API-Key": API_KEY}).status_code == 404
 
 
 def test_limits_in_process(inspect_store, monkeypatch):
@@ -150,10 +151,14 @@ def test_limits_in_process(inspect_store, monkeypatch):
     with TestClient(create_app(settings)) as c:
         r = c.get("/audit/labels")
         assert r.status_code == 400 and "at most 299 (HARDNEG_AUDIT_MAX_ITEMS)" in r.json()["detail"]
-    settings = Settings(store=inspect_store.root, search_lanes=1)
+    settings = Settings(store=inspect_store.root, search_lanes=1, max_results=20)
     with TestClient(create_app(settings)) as c:
-        r = c.get("/audit/duplicates", params={"threshold": 3.0})
+        r = c.get("/audit/duplicates", params={"threshold": 3.0, "limit": 5})
         assert r.status_code == 400 and "more than 5 pairs" in r.json()["detail"]
+        assert c.get("/audit/labels", params={"limit": 20}).status_code == 200
+        for path, limit in (("/audit/labels", 21), ("/audit/duplicates", 11)):  # HARDNEG_MAX_RESULTS
+            r = c.get(path, params={"limit": limit})
+            assert r.status_code == 413 and "HARDNEG_MAX_RESULTS" in r.json()["detail"], r.text
 
 
 def test_a_snapshot_without_thumbnails(asgi_client, api_store):

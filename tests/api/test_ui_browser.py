@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from PIL import Image
-from api_support import API_KEY, wait_for
+from api_support import API_KEY, STORE_KEY, wait_for
 from browser_support import BrowserMissing, artifacts_dir, chrome
 from inspect_support import FLIPPED, build_inspect_store
 
@@ -35,7 +35,7 @@ def browser(tmp_path_factory) -> Iterator:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, start_server):
     store = build_inspect_store(tmp_path_factory.mktemp("ui") / "store")
-    s = start_server(store.root, {"HARDNEG_API_KEY": API_KEY})
+    s = start_server(store.root, {"HARDNEG_API_KEY": API_KEY, "HARDNEG_STORE_KEY": STORE_KEY})
     wait_for(lambda: httpx.get(f"{s.url}/readyz").status_code == 200, what="/readyz")
     return s, store
 

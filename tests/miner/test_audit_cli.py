@@ -144,8 +144,8 @@ def test_index_build_thumbs(tmp_path, clusters):
     done = hardneg("index", "build", "--store", tmp_path / "s", "--vectors", tmp_path / "v.npy", "--labels",
                    tmp_path / "l.npy", "--ids", tmp_path / "i.npy", "--thumbs", tmp_path / "t.npy")
     assert done.returncode == 0, done.stderr
-    snap = SnapshotStore(tmp_path / "s").open()
-    loaded = snap.load_thumbs()
+    store = SnapshotStore(tmp_path / "s")
+    loaded = store.load_thumbs(snap := store.open())
     for j in (0, 7, 29):
         np.testing.assert_array_equal(loaded[snap.index.rows_of([data.ids[j]])[0]], thumbs[j])
     np.save(tmp_path / "bad.npy", thumbs.astype(np.float32))

@@ -28,22 +28,35 @@ def test_thumbnails_follow_their_ids(tmp_path, index):
     snap = store.open(name)
     assert snap.manifest["thumbs"] == {"shape": [40, 6, 5, 3], "dtype": "uint8"}
     assert THUMBS_FILE in snap.manifest["files"]
-    loaded = snap.load_thumbs()
+    loaded = store.load_thumbs(snap)
     for i, id_ in enumerate(thumb_ids.tolist()):
         np.testing.assert_array_equal(loaded[snap.index.rows_of([id_])[0]], thumbs[i])
 
 
 def test_default_order_is_ascending_ids(tmp_path, index):
     thumbs = images(index.count, 2)
-    snap = SnapshotStore(tmp_path).open(SnapshotStore(tmp_path).publish(index, thumbs=thumbs))
+    store = SnapshotStore(tmp_path)
+    snap = store.open(store.publish(index, thumbs=thumbs))
     first = int(np.sort(index.ids)[0])
-    np.testing.assert_array_equal(snap.load_thumbs()[snap.index.rows_of([first])[0]], thumbs[0])
+    np.testing.assert_array_equal(store.load_thumbs(snap)[snap.index.rows_of([first])[0]], thumbs[0])
 
 
 def test_a_snapshot_without_thumbnails_has_none(tmp_path, index):
     store = SnapshotStore(tmp_path)
     snap = store.open(store.publish(index))
-    assert snap.load_thumbs() is None and snap.manifest["thumbs"] is None
+    assert store.load_thumbs(snap) is None and snap.manifest["thumbs"] is None
+
+
+def test_a_thumbnail_file_replaced_after_opening_is_refused(tmp_path, index):
+    """Thumbnails are parsed from bytes checked against the manifest, not from whatever the path holds later."""
+    store = SnapshotStore(tmp_path)
+    snap = store.open(store.publish(index, thumbs=images(index.count, 7)))
+    path = store.path_of(snap.name) / THUMBS_FILE
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(SnapshotError, match="thumbs.npy is corrupt"):
+        store.load_thumbs(snap)
 
 
 def test_a_corrupt_thumbnail_file_is_refused(tmp_path, index):
@@ -99,8 +112,8 @@ def test_to_thumbs_turns_model_inputs_into_thumbnails(tmp_path, index):
     # BOX resampling averages: a constant image stays constant.
     flat = to_thumbs(np.full((2, 256, 256), 0.5))
     assert flat.shape == (2, 128, 128) and np.all(flat == 128)
-    name = SnapshotStore(tmp_path).publish(index, thumbs=t)
-    assert SnapshotStore(tmp_path).open(name).load_thumbs().shape == (40, 8, 8)
+    store = SnapshotStore(tmp_path)
+    assert store.load_thumbs(store.open(store.publish(index, thumbs=t))).shape == (40, 8, 8)
 
 
 @pytest.mark.parametrize("images,match", [

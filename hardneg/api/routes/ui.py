@@ -16,6 +16,7 @@ router = APIRouter(tags=["ui"])
 
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
 _ASSETS = {"ui.js": "text/javascript", "ui.css": "text/css"}  # the only files served besides the page
+UI_PATHS = frozenset({"/ui", *(f"/ui/{name}" for name in _ASSETS)})  # open: the API-key middleware lets them by
 
 
 @router.get("/ui", response_class=FileResponse, summary="The data-inspection page", include_in_schema=False)
