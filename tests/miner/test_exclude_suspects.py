@@ -50,3 +50,11 @@ def test_hardest_negatives_skip_the_suspects(noisy, fraction):
 def test_exclude_suspects_must_be_a_fraction(fraction):
     with pytest.raises(ValidationError, match="exclude_suspects"):
         MiningConfig(exclude_suspects=fraction)
+
+
+def test_query_mode_refuses_exclude_suspects(noisy):
+    from hardneg.miner.mining.queries import mine_queries
+
+    config = MiningConfig(strategy="window", window_width=4, exclude_suspects=0.1)
+    with pytest.raises(ValidationError, match="exclude_suspects is for label mode"):
+        mine_queries(noisy, stored_vectors(noisy)[:3], config, labels=noisy.labels[:3])
