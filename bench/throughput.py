@@ -16,6 +16,10 @@ set, index, export the model, publish the snapshot, the recipe's refresh), and t
 ``refresh_every`` epochs. A global run needs them; an in-batch run's only publish snapshots for serving, so
 its ratio is also given without them ("training only").
 
+Allocator: hardneg's trainer has glibc's malloc keep the memory a step frees
+(:func:`hardneg.trainer.runtime.keep_freed_memory`: a third fewer CPU seconds per step of this model); the
+plain loop gets the same setting, so the ratio measures the loops, not the allocator.
+
 Threads: both loops run with ``--threads`` (default 1) torch threads, and hardneg with the same FAISS threads
 (its ``threads`` setting). On a shared machine whose two cores are busy, two threads cost 3-6x the CPU of one
 per training step (each OpenMP pool waits for the other's jobs), so CPU seconds only compare at one thread.
@@ -52,6 +56,7 @@ from hardneg.trainer.config import TrainConfig
 from hardneg.trainer.data import ArrayDataset, DataSplits
 from hardneg.trainer.loop import Trainer
 from hardneg.trainer.models import Normalized
+from hardneg.trainer.runtime import keep_freed_memory
 from hardneg.trainer.timing import REFRESH_PHASES, TRAIN_PHASES
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -262,6 +267,7 @@ def compare(plain: list[dict[str, float]], costs: list[dict[str, float]],
 def run(s: Setup, work: Path) -> dict[str, Any]:
     if s.threads:
         torch.set_num_threads(s.threads)
+    keep_freed_memory()  # the allocator setting hardneg's trainer makes, for the plain loop from its first epoch
     x, y = make_data(s)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     started = time.perf_counter()

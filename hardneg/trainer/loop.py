@@ -48,6 +48,7 @@ from hardneg.trainer.plots import plot_history
 from hardneg.trainer.recipes import recipe_class
 from hardneg.trainer.recipes.base import SHUFFLE, Recipe, RecipeContext, Snapshot, TrainData
 from hardneg.trainer.refresh import SnapshotPublisher, publish_local, seed_for
+from hardneg.trainer.runtime import keep_freed_memory, set_threads
 from hardneg.trainer.sharded_refresh import publish_sharded
 from hardneg.trainer.timing import PhaseTimer
 
@@ -170,6 +171,8 @@ class Trainer:
         self.timer = PhaseTimer()
         if cfg.threads:
             set_threads(cfg.threads)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         torch.manual_seed(cfg.seed)  # the model's initial weights
         self.model, self.model_spec = build_model(cfg, splits.train.input_shape)
         self.model.to(self.device)
@@ -372,15 +375,6 @@ class Trainer:
 def _publish_local(model: torch.nn.Module, x: torch.Tensor, labels: np.ndarray, publisher: SnapshotPublisher,
                    meta: dict[str, Any], dist: DistContext) -> Any:
     return publish_local(model, x, labels, publisher, meta)
-
-
-def set_threads(n: int) -> None:
-    """Use ``n`` threads in torch and in FAISS (each has its own OpenMP pool; on a busy machine two pools of every
-    core each spend more CPU waiting for each other than computing)."""
-    import faiss
-
-    torch.set_num_threads(n)
-    faiss.omp_set_num_threads(n)
 
 
 def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:

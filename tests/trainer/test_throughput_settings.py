@@ -15,9 +15,10 @@ from test_parts import blobs  # 6 Gaussian classes in 10-d as an npz data source
 
 from hardneg.miner.errors import ValidationError
 from hardneg.trainer.config import TrainConfig
-from hardneg.trainer.loop import RunSummary, Trainer, set_threads
+from hardneg.trainer.loop import RunSummary, Trainer
 from hardneg.trainer.models import EmbeddingCNN
 from hardneg.trainer.refresh import EMBED_CHUNK_BYTES, embed_chunk, embed_items
+from hardneg.trainer.runtime import set_threads
 
 
 def test_large_images_are_embedded_in_small_chunks_with_the_one_pass_result() -> None:
@@ -86,3 +87,31 @@ def test_threads_set_torch_and_faiss() -> None:
 def test_impossible_settings_are_refused(values: dict, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         TrainConfig.from_dict(values)
+
+
+_FAULTS = """
+import resource, sys, torch
+from hardneg.trainer.runtime import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):  # a step's activations: four buffers of 12 MiB alive together, written, then freed
+    buffers = [torch.empty(3 << 20).fill_(1.0) for _ in range(4)]
+    del buffers
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_kept_memory_is_reused_instead_of_faulted_in_again() -> None:
+    import subprocess
+    import sys
+
+    runs = {}
+    for mode in ("default", "keep"):
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True)
+        kept, faults = out.stdout.split()
+        runs[mode] = (kept, int(faults))
+    if runs["keep"][0] != "True":
+        pytest.skip("not glibc: the allocator has no mallopt thresholds to set")
+    pages = (48 << 20) // 4096  # of one step's buffers
+    assert runs["default"][1] >= 10 * pages  # glibc's defaults: the step's pages given back and faulted in again
+    assert runs["keep"][1] <= 2 * pages  # kept: the first step's pages, then reused
