@@ -70,6 +70,7 @@ class TrainConfig:
     keep_snapshots: int = 5
     eval_batch_size: int = 1024  # items per forward pass when embedding (fewer for large items on CPU)
     eval_every: int = 1  # evaluate every N epochs (and the last); a 60,000-item evaluation costs about an epoch
+    eval_sample: int | None = None  # evaluate this many seeded queries (ranked against every item); None: all
     threads: int = 0  # torch and FAISS threads; 0: their defaults (every core). 1 on a shared, busy machine
     # ---- the training recipe (hardneg.trainer.recipes) and its settings; class batches: the best MAP@R per
     # training second in bench/quality.py (docs/benchmarks.md, "Mining quality")
@@ -156,6 +157,8 @@ class TrainConfig:
             at_least(name, getattr(self, name), 1)
         for name in ("warmup_epochs", "seed", "threads"):
             at_least(name, getattr(self, name), 0)
+        if self.eval_sample is not None:
+            at_least("eval_sample", self.eval_sample, 1)
         self._validate_numbers()
         for name in ("data", "store"):
             if not getattr(self, name):

@@ -331,7 +331,8 @@ class Trainer:
         metrics: dict[str, float] = {}
         if self.dist.is_main and self.cfg.is_eval_epoch(self.state.epoch):
             with self.timer.phase("eval"):
-                metrics = evaluate(self.model, self.x_eval, self.splits.eval.y, self.cfg.eval_batch_size)
+                metrics = evaluate(self.model, self.x_eval, self.splits.eval.y, self.cfg.eval_batch_size,
+                                   self.cfg.eval_sample, self.cfg.seed)
         phases = self.timer.take()
         record = {
             "epoch": self.state.epoch, "step": self.state.step,

@@ -70,6 +70,22 @@ def test_evaluating_every_n_epochs_skips_the_others_and_changes_nothing_else(tmp
     assert best_pt["epoch"] == best["epoch"]
 
 
+def test_a_sampled_evaluation_is_retrieval_metrics_of_the_sample(tmp_path: Path) -> None:
+    from hardneg.miner.metrics import retrieval_metrics
+
+    cfg = TrainConfig.from_dict({
+        "data": blobs(tmp_path / "train.npz", 10, 1), "eval_data": blobs(tmp_path / "eval.npz", 8, 2),
+        "recipe": "in-batch", "batch_size": 16, "per_class": 4, "epochs": 1, "embedding_dim": 8, "hidden_dim": 16,
+        "eval_sample": 20, "seed": 5, "store": str(tmp_path / "store"), "run_dir": str(tmp_path / "run")})
+    trainer = Trainer.create(cfg)
+    trainer.run()
+    got = trainer.state.history[-1]["metrics"]
+    want = retrieval_metrics(embed_items(trainer.model, trainer.x_eval, 1024), trainer.splits.eval.y,
+                             metric="cosine", sample=20, seed=5)
+    assert got == pytest.approx(want, rel=0, abs=0)
+    assert (got["num_queries"], got["num_candidates"]) == (20, 48) and "map_at_r_ci95" in got
+
+
 def test_threads_set_torch_and_faiss() -> None:
     before = torch.get_num_threads(), faiss.omp_get_max_threads()
     try:
@@ -83,6 +99,7 @@ def test_threads_set_torch_and_faiss() -> None:
 @pytest.mark.parametrize(("values", "message"), [
     ({"eval_every": 0}, "eval_every must be an integer >= 1"),
     ({"threads": -1}, "threads must be an integer >= 0"),
+    ({"eval_sample": 0}, "eval_sample must be an integer >= 1"),
 ])
 def test_impossible_settings_are_refused(values: dict, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
@@ -92,7 +109,7 @@ def test_impossible_settings_are_refused(values: dict, message: str) -> None:
 _FAULTS = """
 import resource, sys, torch
 from hardneg.trainer.runtime import keep_freed_memory
-kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+kept = keep_freed_memory()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(20):  # a step's activations: four buffers of 12 MiB alive together, written, then freed
     buffers = [torch.empty(3 << 20).fill_(1.0) for _ in range(4)]
@@ -105,13 +122,11 @@ def test_kept_memory_is_reused_instead_of_faulted_in_again() -> None:
     import subprocess
     import sys
 
-    runs = {}
-    for mode in ("default", "keep"):
-        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True)
-        kept, faults = out.stdout.split()
-        runs[mode] = (kept, int(faults))
-    if runs["keep"][0] != "True":
+    out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True)
+    kept, faults = out.stdout.split()
+    if kept != "True":
         pytest.skip("not glibc: the allocator has no mallopt thresholds to set")
     pages = (48 << 20) // 4096  # of one step's buffers
-    assert runs["default"][1] >= 10 * pages  # glibc's defaults: the step's pages given back and faulted in again
-    assert runs["keep"][1] <= 2 * pages  # kept: the first step's pages, then reused
+    # 20 steps fault in the first step's pages and then reuse them (glibc's adaptive defaults give them back to the
+    # system on most steps, though not on every run: 2-20 steps' worth measured, so they are no reference here)
+    assert int(faults) <= 2 * pages
