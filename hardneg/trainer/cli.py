@@ -96,6 +96,12 @@ def _run_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--run-dir", help="run folder (default runs/<timestamp>)")
     t.add_argument("--seed", type=int)
     t.add_argument("--device", choices=DEVICES)
+    t.add_argument("--threads", type=int, metavar="N", help="torch and FAISS threads (default: every core; 1 is "
+                   "faster on a machine whose cores are busy with other work)")
+    t.add_argument("--eval-every", type=int, metavar="N", help="evaluate retrieval every N epochs and after the "
+                   "last (default 1); the other epochs' metrics.jsonl lines hold empty metrics")
+    t.add_argument("--eval-sample", type=int, metavar="M", help="evaluate M seeded queries, each ranked against "
+                   "every evaluation item, with 95%% confidence intervals in metrics.jsonl (default: every query)")
     t.add_argument("--config", type=Path, metavar="FILE", help="TOML file of options")
     t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt "
                    "(only --epochs and --device may change)")

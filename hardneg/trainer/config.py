@@ -68,7 +68,10 @@ class TrainConfig:
     store: str = "store"
     run_dir: str | None = None  # None: runs/<timestamp>
     keep_snapshots: int = 5
-    eval_batch_size: int = 1024  # embedding only, no graph: large batches are cheap
+    eval_batch_size: int = 1024  # items per forward pass when embedding (fewer for large items on CPU)
+    eval_every: int = 1  # evaluate every N epochs (and the last); a 60,000-item evaluation costs about an epoch
+    eval_sample: int | None = None  # evaluate this many seeded queries (ranked against every item); None: all
+    threads: int = 0  # torch and FAISS threads; 0: their defaults (every core). 1 on a shared, busy machine
     # ---- the training recipe (hardneg.trainer.recipes) and its settings; class batches: the best MAP@R per
     # training second in bench/quality.py (docs/benchmarks.md, "Mining quality")
     recipe: RecipeSettings = field(default_factory=ClassBatchesSettings)
@@ -150,10 +153,12 @@ class TrainConfig:
         choice("device", self.device, DEVICES)
         choice("image_mode", self.image_mode, IMAGE_MODES)
         for name in ("epochs", "batch_size", "embedding_dim", "hidden_dim", "refresh_every", "keep_snapshots",
-                     "eval_batch_size", "image_size"):
+                     "eval_batch_size", "image_size", "eval_every"):
             at_least(name, getattr(self, name), 1)
-        for name in ("warmup_epochs", "seed"):
+        for name in ("warmup_epochs", "seed", "threads"):
             at_least(name, getattr(self, name), 0)
+        if self.eval_sample is not None:
+            at_least("eval_sample", self.eval_sample, 1)
         self._validate_numbers()
         for name in ("data", "store"):
             if not getattr(self, name):
@@ -184,6 +189,11 @@ class TrainConfig:
         """
         k = epoch - 1 - self.warmup_epochs
         return k >= 0 and k % self.refresh_every == 0
+
+    def is_eval_epoch(self, epoch: int) -> bool:
+        """True when retrieval is evaluated after ``epoch`` (0: the untrained model): every ``eval_every`` epochs,
+        the first and the last."""
+        return epoch % self.eval_every == 0 or epoch == self.epochs
 
 
 # ------------------------------------------------------------------ recipes

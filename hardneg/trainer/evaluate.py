@@ -21,15 +21,17 @@ from hardneg.trainer.refresh import embed_items
 EVAL_OPTIONS = ("data", "eval_data", "protocol", "device")
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, labels: np.ndarray, batch_size: int) -> dict[str, float]:
+def evaluate(model: nn.Module, x: torch.Tensor, labels: np.ndarray, batch_size: int, sample: int | None = None,
+             seed: int = 0) -> dict[str, float]:
     """Leave-one-out retrieval metrics (P@1, Recall@K, R-Precision, MAP@R) of ``x`` (n, ...) with ``labels`` (n,).
 
     ``x`` must be on the model's device. Metrics are computed with FAISS by the miner part
-    (Musgrave et al. 2020 definitions).
+    (Musgrave et al. 2020 definitions); ``sample``: that many seeded queries, each ranked against all n items,
+    with 95 % confidence intervals (:func:`hardneg.miner.metrics.retrieval_metrics`).
     """
     from hardneg.miner.metrics import retrieval_metrics
 
-    metrics = retrieval_metrics(embed_items(model, x, batch_size), labels, metric="cosine")
+    metrics = retrieval_metrics(embed_items(model, x, batch_size), labels, metric="cosine", sample=sample, seed=seed)
     return {k: float(v) for k, v in metrics.items()}
 
 

@@ -7,8 +7,9 @@ One epoch ``e`` (1-based) of :class:`Trainer`:
    what the next epochs train on (mined tuples, confusable classes, mined negatives);
 2. train: the recipe's batches for the epoch (``recipe.batches``; under torchrun each rank gets its share of
    every batch), one :func:`_step` each on the recipe's loss (``recipe.loss``);
-3. evaluate retrieval on the evaluation split, append a line to ``metrics.jsonl``, save ``last.pt``
-   (and ``best.pt`` when MAP@R improves), redraw ``plot.png``.
+3. evaluate retrieval on the evaluation split (every ``cfg.eval_every`` epochs and the last; the other epochs'
+   lines hold ``"metrics": {}``), append a line to ``metrics.jsonl``, save ``last.pt`` (and ``best.pt`` when
+   MAP@R improves), redraw ``plot.png``.
 
 Epoch 0 evaluates the untrained model. Every random choice of epoch ``e`` comes from a generator seeded by
 (seed, e), so a run resumed from ``last.pt`` draws what the uninterrupted run drew. Every phase of an epoch is
@@ -47,6 +48,7 @@ from hardneg.trainer.plots import plot_history
 from hardneg.trainer.recipes import recipe_class
 from hardneg.trainer.recipes.base import SHUFFLE, Recipe, RecipeContext, Snapshot, TrainData
 from hardneg.trainer.refresh import SnapshotPublisher, publish_local, seed_for
+from hardneg.trainer.runtime import keep_freed_memory, set_threads
 from hardneg.trainer.sharded_refresh import publish_sharded
 from hardneg.trainer.timing import PhaseTimer
 
@@ -167,6 +169,10 @@ class Trainer:
         self.state = state or RunState()
         self.device = dist.device_for(cfg.device)
         self.timer = PhaseTimer()
+        if cfg.threads:
+            set_threads(cfg.threads)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         torch.manual_seed(cfg.seed)  # the model's initial weights
         self.model, self.model_spec = build_model(cfg, splits.train.input_shape)
         self.model.to(self.device)
@@ -306,7 +312,7 @@ class Trainer:
         if self.dist.is_main:  # rank 0 alone writes the run folder
             with open(self.run_dir / METRICS_FILE, "a") as f:
                 f.write(json.dumps(record) + "\n")
-        if metrics["map_at_r"] > self.state.best_map_at_r:
+        if metrics and metrics["map_at_r"] > self.state.best_map_at_r:
             self.state.best_map_at_r = metrics["map_at_r"]
             self._save(BEST)  # before last.pt: a kill in between redoes this epoch and saves best.pt again
         self._save(LAST)
@@ -314,15 +320,19 @@ class Trainer:
             return
         plot_history(self.state.history, self.run_dir / PLOT_FILE)
         loss = "-" if record["loss"] is None else f"{record['loss']:.4f}"
-        log.info("epoch %d/%d: loss %s, MAP@R %.4f, P@1 %.4f (%.1f s)", self.state.epoch, self.cfg.epochs, loss,
-                 metrics["map_at_r"], metrics["precision_at_1"], record["elapsed_s"])
+        scores = (f"MAP@R {metrics['map_at_r']:.4f}, P@1 {metrics['precision_at_1']:.4f}" if metrics else
+                  f"not evaluated (eval_every {self.cfg.eval_every})")
+        log.info("epoch %d/%d: loss %s, %s (%.1f s)", self.state.epoch, self.cfg.epochs, loss, scores,
+                 record["elapsed_s"])
 
     def _record(self, stats: EpochStats | None, refresh: tuple[str, dict[str, Any] | None] | None, started: float,
                 timing: dict[str, float] | None) -> dict[str, Any]:
         """The epoch's line of ``metrics.jsonl``: rank 0 evaluates, and every rank keeps rank 0's record."""
-        with self.timer.phase("eval"):
-            metrics = (evaluate(self.model, self.x_eval, self.splits.eval.y, self.cfg.eval_batch_size)
-                       if self.dist.is_main else {})
+        metrics: dict[str, float] = {}
+        if self.dist.is_main and self.cfg.is_eval_epoch(self.state.epoch):
+            with self.timer.phase("eval"):
+                metrics = evaluate(self.model, self.x_eval, self.splits.eval.y, self.cfg.eval_batch_size,
+                                   self.cfg.eval_sample, self.cfg.seed)
         phases = self.timer.take()
         record = {
             "epoch": self.state.epoch, "step": self.state.step,
@@ -358,7 +368,7 @@ class Trainer:
 
     def _summary(self) -> RunSummary:
         h = self.state.history
-        best = max(h, key=lambda r: r["metrics"]["map_at_r"])
+        best = max((r for r in h if r["metrics"]), key=lambda r: r["metrics"]["map_at_r"])
         return RunSummary(self.run_dir, Path(self.cfg.store), self.run_dir / PLOT_FILE, self.state.snapshot,
                           h[0]["metrics"], h[-1]["metrics"], best["metrics"], best["epoch"])
 
