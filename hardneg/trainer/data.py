@@ -7,7 +7,6 @@ All validation happens here, before any training starts.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from hardneg.miner.errors import ValidationError
+from hardneg.miner.plugins import resolve_attr
 from hardneg.trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -167,22 +167,6 @@ def load_module_dataset(spec: str) -> ArrayDataset:
         raise ValidationError(f"dataset {spec} must be (x, y) arrays, a callable returning them, or a Dataset of "
                               f"(x, y) items; got {type(obj).__name__}")
     return make_dataset(x, y, spec)
-
-
-def resolve_attr(spec: str, what: str) -> Any:
-    """Import ``module:attr`` (attr may be dotted)."""
-    module_name, _, attr = spec.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValidationError(f"{what} {spec!r}: cannot import module {module_name!r} ({e}); "
-                              f"accepted: module:attr of an importable module") from None
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ValidationError(f"{what} {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
-    return obj
 
 
 def _is_map_dataset(obj: Any) -> bool:

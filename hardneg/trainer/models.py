@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hardneg.miner.errors import ValidationError
+from hardneg.miner.plugins import resolve_attr
 from hardneg.trainer.config import TrainConfig
-from hardneg.trainer.data import resolve_attr
 
 
 class EmbeddingCNN(nn.Module):

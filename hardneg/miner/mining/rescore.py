@@ -9,7 +9,6 @@ pairs, as ``CrossEncoder.predict`` is; it sees texts when texts are known, ids o
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -17,6 +16,7 @@ import numpy as np
 
 from hardneg.miner.errors import ValidationError
 from hardneg.miner.mining.guards import Candidates, Guard
+from hardneg.miner.plugins import resolve_attr
 
 Scorer = Callable[[list[tuple[Any, Any]]], Sequence[float]]
 
@@ -24,20 +24,13 @@ Scorer = Callable[[list[tuple[Any, Any]]], Sequence[float]]
 def load_scorer(spec: str) -> Scorer:
     """The callable named ``module:attr`` (``attr`` may be dotted, e.g. ``rerank:model.predict``).
 
-    This imports the operator's own module, as ``uvicorn module:app`` does: it is for the command line, never
-    for anything a request or a stored file names.
+    Resolved by :func:`hardneg.miner.plugins.resolve_attr`: for the command line, never for anything a
+    request or a stored file names.
     """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValidationError(f"--rescore must be 'module:attr' (e.g. rerank:model.predict), got {spec!r}")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValidationError(f"--rescore: cannot import module {module_name!r} ({e})") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValidationError(f"--rescore: {module_name}:{attr} has no attribute {part!r}")
-        obj = getattr(obj, part)
+    obj = resolve_attr(spec, "--rescore")
     if not callable(obj):
         raise ValidationError(f"--rescore: {spec} is not callable")
     return obj
