@@ -47,7 +47,7 @@ from hardneg.trainer.models import build_model
 from hardneg.trainer.plots import plot_history
 from hardneg.trainer.recipes import recipe_class
 from hardneg.trainer.recipes.base import SHUFFLE, Recipe, RecipeContext, Snapshot, TrainData
-from hardneg.trainer.refresh import SnapshotPublisher, publish_local, seed_for
+from hardneg.trainer.refresh import SnapshotPublisher, publish_local, seed_for, training_thumbs
 from hardneg.trainer.runtime import keep_freed_memory, set_threads
 from hardneg.trainer.sharded_refresh import publish_sharded
 from hardneg.trainer.timing import PhaseTimer
@@ -186,7 +186,7 @@ class Trainer:
         if dist.is_main:  # for people to read; a resumed run reads its config from last.pt
             (run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         self.publisher = SnapshotPublisher(SnapshotStore(cfg.store, keep=cfg.keep_snapshots), cfg, self.model_spec,
-                                           self.timer)
+                                           self.timer, training_thumbs(splits.train.x) if dist.is_main else None)
         self.x_train, self.y_train = self._to_device(splits.train)
         self.x_eval, _ = self._to_device(splits.eval)
         data = TrainData(self.x_train, self.y_train, splits.train.y)
