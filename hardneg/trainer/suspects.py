@@ -17,7 +17,6 @@ items. The count is recorded in ``metrics.jsonl`` as the refresh's ``suspects_ex
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,15 +64,16 @@ def without_suspects(index: VectorIndex, fraction: float, dist: DistContext = LO
     return CleanView(clean, np.sort(index.ids[keep]).astype(np.int64), excluded)
 
 
-class KeptItems:
-    """``sampler``'s batches over the kept items only: ``sampler`` was built on ``labels[kept]`` and its positions
-    are mapped back to item indices."""
+class KeptItems(BatchSampler):
+    """``sampler``'s batches over the kept items only: ``sampler`` was built on ``labels[kept]`` (``labels`` (n,):
+    every training item's) and its positions are mapped back to item indices."""
 
-    def __init__(self, sampler: BatchSampler, kept: np.ndarray) -> None:
+    def __init__(self, sampler: BatchSampler, kept: np.ndarray, labels: np.ndarray) -> None:
+        super().__init__(labels, sampler.batch_size)
         self.sampler, self.kept = sampler, np.asarray(kept, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def batches(self, rng: np.random.Generator) -> Sequence[np.ndarray]:
+    def batches(self, rng: np.random.Generator) -> list[np.ndarray]:
         return [self.kept[b] for b in self.sampler.batches(rng)]

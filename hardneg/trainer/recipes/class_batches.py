@@ -60,7 +60,7 @@ class ClassBatches(SnapshotRecipe):
         labels, kept = self.ctx.data.labels, self.kept
         sampler = ConfusableClassBatches(labels if kept is None else labels[kept], self.ctx.cfg.batch_size,
                                          self.settings.per_class, self.neighbours)
-        return ItemBatches(self.ctx, sampler if kept is None else KeptItems(sampler, kept), self.miner)
+        return ItemBatches(self.ctx, sampler if kept is None else KeptItems(sampler, kept, labels), self.miner)
 
     def state_dict(self) -> dict[str, Any]:
         state = {"neighbours": None if self.neighbours is None else torch.from_numpy(self.neighbours)}
