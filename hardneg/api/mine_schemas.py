@@ -54,6 +54,9 @@ class MineRequest(BaseModel):
     near_duplicate: float | None = Field(None, description="drop negatives nearer than this d²")
     candidates: int = Field(_D.candidates, ge=1, le=4096,
                             description="neighbours fetched per anchor before the guards (doubled as needed)")
+    exclude_suspects: float | None = Field(None, gt=0, lt=1, description=(
+        "label mode on ids: never use the top fraction of the snapshot's label-noise suspects (GET /audit/labels) "
+        "as negatives; counted in stats.suspects_excluded"))
     seed: int = Field(0, ge=0, le=INT64_MAX)
     include_vectors: bool = Field(False, description="add each negative's stored vector (as searched)")
     snapshot: str | None = Field(None, description="mine this snapshot instead of the one being served")

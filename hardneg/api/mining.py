@@ -17,6 +17,7 @@ from hardneg.api.settings import Settings
 from hardneg.api.state import ServedSnapshot
 from hardneg.miner.errors import ValidationError
 from hardneg.miner.index import SearchParams, VectorIndex
+from hardneg.miner.audit import LabelAudit
 from hardneg.miner.mining import MiningConfig, MiningResult, mine
 from hardneg.miner.mining.guards import similarity
 from hardneg.miner.mining.queries import PositiveSets, mine_queries
@@ -46,6 +47,9 @@ def check_mine_request(req: MineRequest, settings: Settings) -> MiningConfig:
         raise ValidationError("labels are only accepted with vectors or inputs; anchors by ids use the stored labels")
     if req.ids is None and req.positives is None and req.labels is None:
         raise ValidationError(f"{given[0]} anchors need positives (one list of stored ids each) or labels")
+    if req.exclude_suspects is not None and (req.ids is None or req.positives is not None):
+        raise ValidationError("exclude_suspects is for label mode (anchors by ids, without positives or labels): "
+                              "it audits the snapshot's own labels")
     range_max = req.range_min + req.num_negatives if req.range_max is None else req.range_max
     for name, value in (("num_negatives", req.num_negatives), ("range_max", range_max)):
         if value > settings.max_k:
@@ -60,15 +64,17 @@ def check_mine_request(req: MineRequest, settings: Settings) -> MiningConfig:
         semihard_fallback=req.semihard_fallback, window_skip=req.range_min, window_width=range_max - req.range_min,
         window_sampling=req.sampling, positive_aware=req.positive_aware, near_duplicate=req.near_duplicate,
         absolute_margin=req.absolute_margin, relative_margin=req.relative_margin, max_score=req.max_score,
-        candidates=req.candidates, seed=req.seed)
+        candidates=req.candidates, seed=req.seed, exclude_suspects=req.exclude_suspects)
 
 
-def mine_request(snap: ServedSnapshot, req: MineRequest, config: MiningConfig) -> bytes:
-    """Mine ``req``'s anchors on ``snap`` and return the JSON body (blocking; run it in a search lane)."""
+def mine_request(snap: ServedSnapshot, req: MineRequest, config: MiningConfig, audit: LabelAudit | None = None) -> bytes:
+    """Mine ``req``'s anchors on ``snap`` and return the JSON body (blocking; run it in a search lane).
+
+    ``audit``: ``snap``'s label audit, for ``exclude_suspects`` (:func:`label_audit`)."""
     index = snap.index
     params = SearchParams(nprobe=req.nprobe, ef_search=req.ef_search)
     if req.ids is not None and req.positives is None:
-        res = mine(index, config, np.asarray(req.ids, dtype=np.int64), params=params)
+        res = mine(index, config, np.asarray(req.ids, dtype=np.int64), params=params, audit=audit)
         results = _label_results(index, res, len(req.ids), req.include_vectors)
         return _body(snap.name, results, res.stats)
     if req.ids is not None:

@@ -84,7 +84,7 @@ def snapshot_drift(a: VectorIndex, b: VectorIndex, k: int = 10, sample: int = DE
     both = (ha >= 0) & (hb >= 0)
     classes, inverse = np.unique(lb[anchors], return_inverse=True)
     per_class = {int(c): float(overlap[inverse == j].mean()) for j, c in enumerate(classes)}
-    shift = _centroid_shift(xa, la, xb, lb)
+    shift = centroid_shift(xa, la, xb, lb)
     return Drift(
         common=m, only_from=int(a.count - m), only_to=int(b.count - m), k=k, anchors=len(anchors),
         overlap_mean=float(overlap.mean()), overlap_per_class=per_class, centroid_shift=shift,
@@ -111,7 +111,7 @@ def _neighbours_and_hardest(x: np.ndarray, labels: np.ndarray, anchors: np.ndarr
     return near, hardest
 
 
-def _centroid_shift(xa: np.ndarray, la: np.ndarray, xb: np.ndarray, lb: np.ndarray) -> dict[int, float]:
+def centroid_shift(xa: np.ndarray, la: np.ndarray, xb: np.ndarray, lb: np.ndarray) -> dict[int, float]:
     """``d²`` between each class's centroid in A and in B, for the classes both hold (comparable only when the
     snapshots have the same dimension; otherwise empty)."""
     if xa.shape[1] != xb.shape[1]:

@@ -46,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _mining_args(t)
     _selfsup_args(t)
     _run_args(t)
+    _quality_args(t)
     t.set_defaults(func=cmd_train)
     _eval_parser(sub)
 
@@ -109,6 +110,16 @@ def _run_args(t: argparse.ArgumentParser) -> None:
                    help="with --run-dir: continue the run there if it has a last.pt, else start it (for a trainer "
                         "that a supervisor restarts with the same command; the options must match that run's, "
                         "except --epochs and --device)")
+
+
+def _quality_args(t: argparse.ArgumentParser) -> None:
+    t.add_argument("--exclude-suspects", type=float, metavar="FRACTION",
+                   help="class-batches and mined-tuples: at each refresh, leave the top FRACTION of the snapshot's "
+                        "label-noise suspects (hardneg audit labels) out of the batches and the mined tuples")
+    t.add_argument("--refresh-on-drift", type=float, metavar="THRESHOLD",
+                   help="refresh early, before the next epoch, when the mean class-centroid shift (d²) of a probe "
+                        "sample of training items since the last snapshot passes THRESHOLD")
+    t.add_argument("--drift-probe", type=int, metavar="N", help="training items in the drift probe (default 1000)")
 
 
 def _eval_parser(sub: argparse._SubParsersAction) -> None:

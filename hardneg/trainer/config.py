@@ -14,6 +14,7 @@ Nothing here imports torch: ``hardneg`` commands that need no model start withou
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -33,6 +34,7 @@ LEGACY_SELECTORS = ("mode", "mining", "global_batches")
 MINING_MODES = ("global", "in-batch", "random")
 MODES = ("supervised", "self-supervised")
 GLOBAL_BATCHES = ("tuples", "classes")
+SUSPECT_RECIPES = ("class-batches", "mined-tuples")  # the recipes that take exclude_suspects (hardneg.trainer.suspects)
 
 
 @dataclass
@@ -72,6 +74,10 @@ class TrainConfig:
     eval_every: int = 1  # evaluate every N epochs (and the last); a 60,000-item evaluation costs about an epoch
     eval_sample: int | None = None  # evaluate this many seeded queries (ranked against every item); None: all
     threads: int = 0  # torch and FAISS threads; 0: their defaults (every core). 1 on a shared, busy machine
+    # ---- label noise and drift (hardneg.trainer.suspects, hardneg.trainer.drift)
+    exclude_suspects: float | None = None  # leave the top fraction of label-noise suspects out at each refresh
+    refresh_on_drift: float | None = None  # refresh early when the probe's mean class-centroid shift (d²) passes it
+    drift_probe: int = 1000  # training items embedded after each epoch to measure drift; a few ms on digits
     # ---- the training recipe (hardneg.trainer.recipes) and its settings; class batches: the best MAP@R per
     # training second in bench/quality.py (docs/benchmarks.md, "Mining quality")
     recipe: RecipeSettings = field(default_factory=ClassBatchesSettings)
@@ -164,6 +170,7 @@ class TrainConfig:
             if not getattr(self, name):
                 raise ValidationError(f"{name} must not be empty")
         self._validate_schedule()
+        self._validate_quality()
         self.recipe.validate(self.batch_size)
 
     def _validate_numbers(self) -> None:
@@ -180,6 +187,24 @@ class TrainConfig:
         if self.recipe.needs_snapshot and self.warmup_epochs >= self.epochs:
             raise ValidationError(f"warmup_epochs ({self.warmup_epochs}) must be below epochs ({self.epochs}) with "
                                   f"recipe {self.recipe.name!r}, or no epoch would train on the snapshot's batches")
+
+    def _validate_quality(self) -> None:
+        at_least("drift_probe", self.drift_probe, 2)
+        if self.exclude_suspects is not None:
+            if not 0.0 < self.exclude_suspects < 1.0:
+                raise ValidationError(f"exclude_suspects must be a fraction in (0, 1) (the share of label-noise "
+                                      f"suspects left out), got {self.exclude_suspects}")
+            if self.recipe.name not in SUSPECT_RECIPES:
+                raise ValidationError(f"exclude_suspects works with recipe {' or '.join(SUSPECT_RECIPES)}, not "
+                                      f"{self.recipe.name!r}: only they train on what a snapshot's labels select")
+        if self.refresh_on_drift is not None:
+            if not (math.isfinite(self.refresh_on_drift) and self.refresh_on_drift > 0):
+                raise ValidationError(f"refresh_on_drift must be a finite number > 0 (a mean centroid shift in d²; "
+                                      f"unit vectors: at most 4), got {self.refresh_on_drift}")
+            if not (self.recipe.needs_snapshot and self.recipe.needs_labels):
+                raise ValidationError(f"refresh_on_drift needs a labelled recipe that trains on snapshots "
+                                      f"(class-batches or mined-tuples), not {self.recipe.name!r}: the drift is "
+                                      f"measured between class centroids")
 
     # ----------------------------------------------------------- schedule
     def is_refresh_epoch(self, epoch: int) -> bool:

@@ -40,6 +40,7 @@ from hardneg.trainer.checkpoint import BEST, LAST, load_checkpoint, save_checkpo
 from hardneg.trainer.config import TrainConfig
 from hardneg.trainer.data import ArrayDataset, DataSplits, load_splits
 from hardneg.trainer.distributed import LOCAL, DistContext, check_world
+from hardneg.trainer.drift import DriftMonitor
 from hardneg.trainer.evaluate import evaluate
 from hardneg.trainer.inbatch import TripletMiner
 from hardneg.trainer.losses import TupleLoss, make_loss
@@ -47,7 +48,7 @@ from hardneg.trainer.models import build_model
 from hardneg.trainer.plots import plot_history
 from hardneg.trainer.recipes import recipe_class
 from hardneg.trainer.recipes.base import SHUFFLE, Recipe, RecipeContext, Snapshot, TrainData
-from hardneg.trainer.refresh import SnapshotPublisher, publish_local, seed_for
+from hardneg.trainer.refresh import SnapshotPublisher, publish_local, seed_for, training_thumbs
 from hardneg.trainer.runtime import keep_freed_memory, set_threads
 from hardneg.trainer.sharded_refresh import publish_sharded
 from hardneg.trainer.timing import PhaseTimer
@@ -186,12 +187,15 @@ class Trainer:
         if dist.is_main:  # for people to read; a resumed run reads its config from last.pt
             (run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         self.publisher = SnapshotPublisher(SnapshotStore(cfg.store, keep=cfg.keep_snapshots), cfg, self.model_spec,
-                                           self.timer)
+                                           self.timer, training_thumbs(splits.train.x) if dist.is_main else None)
         self.x_train, self.y_train = self._to_device(splits.train)
         self.x_eval, _ = self._to_device(splits.eval)
         data = TrainData(self.x_train, self.y_train, splits.train.y)
         ctx = RecipeContext(cfg, data, parts.loss or make_loss(cfg.loss, cfg.margin), dist, self.timer)
         self.recipe = parts.build(ctx)
+        self.drift = None if cfg.refresh_on_drift is None else DriftMonitor(
+            self.x_train, splits.train.y, cfg.refresh_on_drift, cfg.drift_probe, cfg.seed, self.publisher.store,
+            cfg.eval_batch_size, dist)
         if checkpoint is not None:
             self.model.load_state_dict(checkpoint["model"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -256,7 +260,7 @@ class Trainer:
             self._finish_epoch(None, None, started)  # epoch 0: the untrained model
         for epoch in range(self.state.epoch + 1, self.cfg.epochs + 1):
             t0, c0 = time.perf_counter(), time.process_time()
-            refresh = self._refresh(epoch) if self.cfg.is_refresh_epoch(epoch) else None
+            refresh = self._refresh(epoch) if self._refresh_due(epoch) else None
             t1, c1 = time.perf_counter(), time.process_time()
             stats = self._train_epoch(epoch)
             # What trained this epoch, apart from evaluation, checkpoints and plots: wall-clock seconds, and the
@@ -269,6 +273,14 @@ class Trainer:
             self._save(LAST)
         self.timer.take()
         return self._summary()
+
+    def _refresh_due(self, epoch: int) -> bool:
+        """Refresh before ``epoch``: on the schedule, or with ``refresh_on_drift`` when the model has drifted past
+        it since the newest snapshot (:mod:`hardneg.trainer.drift`)."""
+        if self.cfg.is_refresh_epoch(epoch) or self.drift is None:
+            return self.cfg.is_refresh_epoch(epoch)
+        with self.timer.phase("drift"):
+            return self.drift.due(self.model, self.state.snapshot)
 
     def _refresh(self, epoch: int | None) -> tuple[str, dict[str, Any] | None]:
         """Publish the current model's embeddings before ``epoch`` (None: the final model) and, before an epoch,
@@ -344,6 +356,8 @@ class Trainer:
             "timing": {**timing, **phases} if timing is not None else None,
             "elapsed_s": round(time.monotonic() - started, 3),
         }
+        if self.drift is not None:  # the check before this epoch (None when the schedule refreshed anyway)
+            record["drift"] = self.drift.take()
         return self.dist.from_main(lambda: record)
 
     def _save(self, name: str) -> None:

@@ -22,7 +22,7 @@ from hardneg.miner.errors import ValidationError
 from hardneg.miner.index import VectorIndex
 from hardneg.miner.mining.config import MiningConfig
 from hardneg.miner.model_io import export_model
-from hardneg.miner.store import MODEL_FILE, SnapshotStore
+from hardneg.miner.store import MODEL_FILE, THUMBS_MAX_BYTES, SnapshotStore, to_thumbs
 from hardneg.trainer import tuples as tp
 from hardneg.trainer.config import TrainConfig
 from hardneg.trainer.timing import NO_TIMER, PhaseTimer
@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 # 1024 and 360 in chunks of 20-60, with bit-identical embeddings. Small items (8 x 8 digits: 256 B) still go
 # in chunks of the whole batch_size.
 EMBED_CHUNK_BYTES = 1 << 18
+# Largest side of the thumbnails a snapshot of image data carries (for the api's /ui page): tiles, not images.
+TRAIN_THUMB_SIDE = 64
+MIN_THUMB_SIDE = 8  # below this a tile shows nothing; such a training set is published without thumbnails
 
 
 def embed_chunk(x: torch.Tensor, batch_size: int) -> int:
@@ -82,15 +85,35 @@ class Published:
     embeddings: np.ndarray | None  # None on the ranks other than 0 of a distributed run
 
 
+def training_thumbs(x: np.ndarray, max_side: int = TRAIN_THUMB_SIDE) -> np.ndarray | None:
+    """Thumbnails of the training images ``x`` (n, C, H, W) floats in [0, 1] for every snapshot, as
+    :func:`~hardneg.miner.store.to_thumbs` makes them: at most ``max_side`` pixels a side, shrunk further so that
+    all fit in the store's ``THUMBS_MAX_BYTES``; None for inputs that are not images, or when even
+    ``MIN_THUMB_SIDE``-pixel thumbnails would not fit (a warning says so)."""
+    if x.ndim != 4 or x.shape[1] not in (1, 3, 4) or len(x) == 0:
+        return None
+    n, c = x.shape[:2]
+    per_pixel = n * (1 if c == 1 else c)
+    fit = int(np.sqrt(THUMBS_MAX_BYTES / per_pixel))  # as if square: the longer side, whatever the aspect
+    side = min(max_side, fit)
+    if side < MIN_THUMB_SIDE:
+        log.warning("snapshots get no thumbnails: %d images would need sides under %d pixels to fit in %d MiB",
+                    n, MIN_THUMB_SIDE, THUMBS_MAX_BYTES >> 20)
+        return None
+    return to_thumbs(x, max_side=side)
+
+
 class SnapshotPublisher:
-    """Publishes the training set's embeddings, ids (dataset indices), labels and the exported model."""
+    """Publishes the training set's embeddings, ids (dataset indices), labels, the exported model and, given
+    them, ``thumbs`` (n, H, W[, C]) uint8 of the training items in item order (:func:`training_thumbs`)."""
 
     def __init__(self, store: SnapshotStore, cfg: TrainConfig, model_spec: Mapping[str, Any],
-                 timer: PhaseTimer = NO_TIMER) -> None:
+                 timer: PhaseTimer = NO_TIMER, thumbs: np.ndarray | None = None) -> None:
         self.store = store
         self.cfg = cfg
         self.model_spec = dict(model_spec)
         self.timer = timer
+        self.thumbs = thumbs
 
     def publish(self, model: nn.Module, embeddings: np.ndarray, labels: np.ndarray,
                 meta: Mapping[str, Any]) -> Published:
@@ -105,7 +128,7 @@ class SnapshotPublisher:
                 exported = export_model(copy.deepcopy(model).cpu(), self.model_spec["input_shape"], path)
             with self.timer.phase("publish"):
                 name = self.store.publish(index, meta={"config": self.cfg.to_dict(), **meta}, model=self.model_spec,
-                                          extra_files={MODEL_FILE: path} if exported else None)
+                                          extra_files={MODEL_FILE: path} if exported else None, thumbs=self.thumbs)
         return Published(name, index, embeddings)
 
 

@@ -9,17 +9,22 @@ model. Refusals (strict types, int64 ids, the result cap, auth) and the 503 retr
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 
 import httpx
 import numpy as np
 import pytest
-from api_support import API_KEY, LIMITS, ApiStore, Published, TestClient, embed
+from api_support import API_KEY, LIMITS, STORE_KEY, ApiStore, Published, TestClient, embed
 
 from hardneg.api.main import create_app
 from hardneg.api.settings import Settings
 from hardneg.client import AsyncClient, Client, HardnegError, NotReadyError
+from hardneg.miner.audit import audit_labels
 from hardneg.miner.index import VectorIndex
 from hardneg.miner.store import SnapshotStore
 
@@ -129,6 +134,10 @@ def test_async_client_gives_the_same_answer(live_server, hn: Client, api_store: 
     ({"vectors": [[0.1] * 8], "labels": [1], "relative_margin": 0.05}, 400, "needs each anchor's positive"),
     ({"vectors": [[0.1] * 8], "positives": [[1], [2]]}, 400, "one per anchor"),
     ({"vectors": [[0.1] * 8], "positives": [[123456789]], "snapshot": "cos-1"}, 404, "123456789"),
+    ({"ids": [1], "exclude_suspects": 1.0}, 422, "exclude_suspects"),
+    ({"ids": [1], "exclude_suspects": "0.1"}, 422, "exclude_suspects"),
+    ({"vectors": [[0.1] * 8], "positives": [[1]], "exclude_suspects": 0.1}, 400, "exclude_suspects is for label mode"),
+    ({"vectors": [[0.1] * 8], "labels": [1], "exclude_suspects": 0.1}, 400, "exclude_suspects is for label mode"),
 ])
 def test_refusals(hn: Client, body: dict, status: int, message: str) -> None:
     body = {"snapshot": "cos-1", **body}
@@ -136,6 +145,35 @@ def test_refusals(hn: Client, body: dict, status: int, message: str) -> None:
         hn.mine(**body)
     assert e.value.status == status
     assert message in str(e.value)
+
+
+def test_label_mode_excludes_suspects_as_the_cli_does(hn: Client, api_store: ApiStore, tmp_path) -> None:
+    p = api_store.snapshots["cos-1"]
+    anchors = p.ids[::3]
+    res = hn.mine(ids=anchors.tolist(), strategy="hardest", num_negatives=3, exclude_suspects=0.1, snapshot="cos-1")
+    # the same mining by `hardneg mine` on the store
+    np.save(tmp_path / "anchors.npy", anchors)
+    done = subprocess.run([sys.executable, "-m", "hardneg.cli", "mine", "--store", str(api_store.root), "--snapshot",
+                           "cos-1", "--strategy", "hardest", "--per-anchor", "3", "--exclude-suspects", "0.1",
+                           "--anchors", str(tmp_path / "anchors.npy"), "--out", str(tmp_path / "mined.npz"), "--json"],
+                          capture_output=True, text=True, env={**os.environ, "HARDNEG_STORE_KEY": STORE_KEY})
+    assert done.returncode == 0, done.stderr
+    with np.load(tmp_path / "mined.npz") as z:
+        cli_anchor, cli_negative = z["anchor"], z["negative"]
+    cli_stats = json.loads(done.stdout)["stats"]
+    for a, got in zip(anchors, res["results"]):
+        assert [n["id"] for n in got["negatives"]] == cli_negative[cli_anchor == a].tolist()
+    assert res["stats"]["suspects_excluded"] == cli_stats["suspects_excluded"] == np.ceil(0.1 * len(p.ids))
+    assert res["stats"]["guard_dropped"] == cli_stats["guard_dropped"]
+    # brute force: each anchor's 3 nearest wrong-label items that are not among the audit's top 10%
+    index = VectorIndex.build(p.vectors, p.labels, p.ids, metric=p.metric)
+    suspects = set(audit_labels(index).top(0.1).tolist())
+    for a, got in zip(anchors, res["results"]):
+        row = int(np.flatnonzero(p.ids == a)[0])
+        blocked = set(p.ids[p.labels == p.labels[row]].tolist()) | suspects
+        assert [n["id"] for n in got["negatives"]] == ranking(p, p.vectors[row], blocked)[0][:3]
+    plain = hn.mine(ids=anchors.tolist(), strategy="hardest", num_negatives=3, snapshot="cos-1")
+    assert {n["id"] for r in plain["results"] for n in r["negatives"]} & suspects  # the option changes the answer
 
 
 def test_missing_key_is_401(live_server) -> None:
@@ -151,6 +189,15 @@ def test_result_cap(api_store: ApiStore) -> None:
         assert r.status_code == 413 and "HARDNEG_MAX_RESULTS" in r.json()["detail"] and "12 neighbours" in r.json()["detail"]
         r = http.post("/mine", json={"ids": p.ids[:5].tolist(), "num_negatives": 2, "snapshot": "cos-1"})
         assert r.status_code == 200 and len(r.json()["results"]) == 5
+
+
+def test_exclude_suspects_is_bounded_by_the_audit_limit(api_store: ApiStore) -> None:
+    settings = Settings(store=api_store.root, audit_max_items=100, **LIMITS)  # cos-1 holds 180 items
+    with TestClient(create_app(settings)) as http:
+        body = {"ids": [int(api_store.snapshots["cos-1"].ids[0])], "snapshot": "cos-1"}
+        r = http.post("/mine", json={**body, "exclude_suspects": 0.1})
+        assert r.status_code == 400 and "HARDNEG_AUDIT_MAX_ITEMS" in r.json()["detail"]
+        assert http.post("/mine", json=body).status_code == 200  # without it, nothing is audited
 
 
 def test_client_retries_503_then_gives_up_clearly() -> None:

@@ -22,7 +22,7 @@ import faiss
 import numpy as np
 
 from hardneg.miner.audit import DEFAULT_K as AUDIT_K
-from hardneg.miner.audit import audit_labels
+from hardneg.miner.audit import LabelAudit, audit_labels
 from hardneg.miner.errors import ValidationError
 from hardneg.miner.index import SearchParams, VectorIndex, check_int_array, stored_vectors  # noqa: F401 - re-exported
 from hardneg.miner.mining.base import NegativeStrategy
@@ -46,7 +46,7 @@ STRATEGIES: dict[str, type[NegativeStrategy]] = {
 
 
 def mine(index: VectorIndex, config: MiningConfig, anchors: np.ndarray | None = None,
-         params: SearchParams | None = None) -> MiningResult:
+         params: SearchParams | None = None, audit: LabelAudit | None = None) -> MiningResult:
     """Mine triplets and pairs for ``anchors`` from ``index``.
 
     Args:
@@ -54,6 +54,8 @@ def mine(index: VectorIndex, config: MiningConfig, anchors: np.ndarray | None = 
         config: what to mine; see :class:`MiningConfig` and each strategy's docstring.
         anchors: (m,) stored ids of the anchors (default: every item); repeats are mined independently.
         params: per-call search parameters for approximate (ivf, hnsw) indexes.
+        audit: with ``config.exclude_suspects``, ``index``'s label audit when already computed (e.g. cached by
+            the api); default: audited here (:func:`suspect_mask`).
 
     Returns:
         A :class:`MiningResult` with ids, not rows. Anchors alone in their class get no triplet.
@@ -79,7 +81,7 @@ def mine(index: VectorIndex, config: MiningConfig, anchors: np.ndarray | None = 
     strategy = STRATEGIES[config.strategy](config, vectors, index.metric)
     positives = choose_positives(config.positive, vectors, index.labels, anchor_rows, index.distance, rng)
     stats = MiningStats(config.strategy, index.metric, config.margin, config.per_anchor, anchors=len(anchor_rows))
-    suspects = suspect_mask(index, config.exclude_suspects)
+    suspects = suspect_mask(index, config.exclude_suspects, audit)
     stats.suspects_excluded = 0 if suspects is None else int(suspects.sum())
     guards = ([SuspectGuard(suspects)] if suspects is not None else []) + build_guards(config, index.metric)
     negatives = _mine_negatives(index, vectors, anchor_rows, positives, strategy, guards, params, rng, stats)
@@ -88,16 +90,22 @@ def mine(index: VectorIndex, config: MiningConfig, anchors: np.ndarray | None = 
     return result
 
 
-def suspect_mask(index: VectorIndex, fraction: float | None) -> np.ndarray | None:
-    """(n,) bool over rows: the top ``fraction`` of label-noise suspects (:func:`hardneg.miner.audit.audit_labels`
-    at its default k), or None when ``fraction`` is None."""
+def suspect_mask(index: VectorIndex, fraction: float | None, audit: LabelAudit | None = None) -> np.ndarray | None:
+    """(n,) bool over rows: the top ``fraction`` of label-noise suspects of ``audit`` (default:
+    :func:`hardneg.miner.audit.audit_labels` at k :func:`suspect_k`), or None when ``fraction`` is None."""
     if fraction is None:
         return None
     mask = np.zeros(index.count, bool)
     if index.count >= 2:
-        flagged = audit_labels(index, k=min(AUDIT_K, index.count - 1)).top(fraction)
-        mask[index.rows_of(flagged)] = True
+        audit = audit if audit is not None else audit_labels(index, k=suspect_k(index))
+        mask[index.rows_of(audit.top(fraction))] = True
     return mask
+
+
+def suspect_k(index: VectorIndex) -> int:
+    """The neighbours the suspects of ``exclude_suspects`` are audited with: the audit's default, fewer on tiny
+    indexes (at least 2 items)."""
+    return min(AUDIT_K, index.count - 1)
 
 
 def _mine_negatives(index: VectorIndex, vectors: np.ndarray, anchor_rows: np.ndarray, positives: Positives,

@@ -3,7 +3,9 @@
 Each refresh finds every class's nearest classes by centroid distance in the snapshot
 (:func:`~hardneg.trainer.batching.confusable_classes`); until the next one, every batch is a class drawn
 uniformly and its P - 1 nearest classes, K items of each, mined in-batch (semi-hard by default). Before the
-first snapshot the warm-up trains (:class:`~hardneg.trainer.recipes.warmup.Warmup`).
+first snapshot the warm-up trains (:class:`~hardneg.trainer.recipes.warmup.Warmup`). With ``exclude_suspects``
+each refresh leaves the snapshot's suspected label errors out of the batches and the class centroids
+(:mod:`hardneg.trainer.suspects`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from hardneg.trainer.inbatch import TripletMiner
 from hardneg.trainer.recipes.base import Epoch, ItemBatches, RecipeContext, Snapshot
 from hardneg.trainer.recipes.settings import ClassBatchesSettings
 from hardneg.trainer.recipes.warmup import SnapshotRecipe
+from hardneg.trainer.suspects import KeptItems, suspects_of
 
 
 class ClassBatches(SnapshotRecipe):
@@ -36,24 +39,34 @@ class ClassBatches(SnapshotRecipe):
         # the class batches are composed after the first refresh: refuse impossible P x K settings now
         check_class_batches(ctx.data.labels, ctx.cfg.batch_size, self.settings.per_class)
         self.neighbours: np.ndarray | None = None  # (C, P) class table of the current refresh window
+        self.kept: np.ndarray | None = None  # exclude_suspects: the item indices the window's batches draw from
 
     def refresh(self, model: nn.Module, snapshot: Snapshot) -> dict[str, Any]:
         from hardneg.miner.mining.miner import stored_vectors
 
-        vectors, labels = stored_vectors(snapshot.index), snapshot.index.labels
+        index, fraction = snapshot.index, self.ctx.cfg.exclude_suspects
+        vectors, labels = stored_vectors(index), index.labels
+        if fraction is not None:
+            excluded = suspects_of(index, fraction, self.ctx.dist)
+            keep = ~np.isin(index.ids, excluded)
+            vectors, labels, self.kept = vectors[keep], labels[keep], np.sort(index.ids[keep])
         self.neighbours = confusable_classes(vectors, labels, self.ctx.cfg.batch_size // self.settings.per_class)
-        return composition_stats(vectors, labels, self.neighbours)
+        stats = composition_stats(vectors, labels, self.neighbours)
+        return stats if fraction is None else {**stats, "suspects_excluded": len(excluded)}
 
     def plan(self, epoch: int) -> Epoch:
         if self.neighbours is None:
             return self.warmup.plan(epoch)
-        sampler = ConfusableClassBatches(self.ctx.data.labels, self.ctx.cfg.batch_size, self.settings.per_class,
-                                         self.neighbours)
-        return ItemBatches(self.ctx, sampler, self.miner)
+        labels, kept = self.ctx.data.labels, self.kept
+        sampler = ConfusableClassBatches(labels if kept is None else labels[kept], self.ctx.cfg.batch_size,
+                                         self.settings.per_class, self.neighbours)
+        return ItemBatches(self.ctx, sampler if kept is None else KeptItems(sampler, kept, labels), self.miner)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"neighbours": None if self.neighbours is None else torch.from_numpy(self.neighbours)}
+        state = {"neighbours": None if self.neighbours is None else torch.from_numpy(self.neighbours)}
+        return state if self.kept is None else {**state, "kept": torch.from_numpy(self.kept)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        t = state.get("neighbours")
+        t, kept = state.get("neighbours"), state.get("kept")
         self.neighbours = None if t is None else t.numpy().astype(np.int64)
+        self.kept = None if kept is None else kept.numpy().astype(np.int64)

@@ -4,6 +4,8 @@ Each refresh mines the triplets (pairs for a pair loss) the coming epochs train 
 :class:`~hardneg.miner.mining.MiningConfig` (its margin is the loss's, its seed drawn per refresh); under
 torchrun every rank mines its share of the anchors (:mod:`hardneg.trainer.sharded_refresh`). With
 ``inbatch_mix > 0`` each batch also mines its items in-batch. Before the first snapshot the warm-up trains.
+With ``exclude_suspects`` each refresh mines from the snapshot without its suspected label errors, so they are
+never anchors, positives or negatives (:mod:`hardneg.trainer.suspects`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from hardneg.trainer.recipes.settings import MinedTuplesSettings
 from hardneg.trainer.recipes.warmup import SnapshotRecipe, random_tuples
 from hardneg.trainer.refresh import mine_tuples
 from hardneg.trainer.sharded_refresh import mine_sharded
+from hardneg.trainer.suspects import without_suspects
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +43,16 @@ class MinedTuples(SnapshotRecipe):
 
     def refresh(self, model: nn.Module, snapshot: Snapshot) -> dict[str, Any]:
         ctx = self.ctx
+        index, excluded = snapshot.index, None
+        if ctx.cfg.exclude_suspects is not None:
+            view = without_suspects(index, ctx.cfg.exclude_suspects, ctx.dist, ctx.cfg.seed)
+            index, excluded = view.index, len(view.excluded)
         if ctx.dist.enabled:
-            self.tuples, stats = mine_sharded(snapshot.index, ctx.cfg, snapshot.epoch, ctx.dist)
+            self.tuples, stats = mine_sharded(index, ctx.cfg, snapshot.epoch, ctx.dist)
         else:
-            self.tuples, stats = mine_tuples(snapshot.index, ctx.cfg, snapshot.epoch)
+            self.tuples, stats = mine_tuples(index, ctx.cfg, snapshot.epoch)
+        if excluded is not None:  # never anchors, positives or negatives (the miner's count: as negatives only)
+            stats["suspects_excluded"] = excluded
         if ctx.dist.is_main:
             log.info("snapshot %s: mined %d %ss for epoch %d%s", snapshot.name, len(self.tuples), self.tuples.kind,
                      snapshot.epoch, f" on {ctx.dist.world_size} ranks" if ctx.dist.enabled else "")
