@@ -10,7 +10,7 @@ optionally ``relative_margin``. sentence-transformers runs with ``use_faiss=True
 large corpora) and with ``use_faiss=False`` (torch matmul + topk in blocks of 512 queries: its default block of
 16384 would need 64 GB at 1M); the faster of the two is the baseline. Under the margin, sentence-transformers
 ranks only the ``range_max + max_positives`` candidates it fetched, so it gets ``range_max=--st-depth`` (deep
-enough to fill the window) while hardneg widens its own search as needed.
+enough to fill the window) while hardneg searches past each query's margin radius in one pass.
 
 Reported per size: wall-clock and process CPU seconds of each (hardneg's snapshot build apart, since a
 snapshot is built once and mined many times; also the ratio including it), and the overlap of the
