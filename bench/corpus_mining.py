@@ -15,7 +15,8 @@ enough to fill the window) while hardneg searches past each query's margin radiu
 Reported per size: wall-clock and process CPU seconds of each (hardneg's snapshot build apart, since a
 snapshot is built once and mined many times; also the ratio including it), and the overlap of the
 negatives row by row (exact mode: the share of rows whose negatives are identical, and the mean share of
-negatives in common). IVF rows: hardneg on an IVF snapshot of the same corpus, overlap against exact.
+negatives in common). IVF rows (``--ivf``): hardneg on an IVF snapshot of the same corpus for both
+configurations, overlap against exact hardneg and CPU/wall ratio against the same configuration's ST baseline.
 
 Run (heavy at 1M: ~3 GiB, minutes): ``flock /tmp/hardneg-bench.lock .venv/bin/python bench/corpus_mining.py``.
 Needs ``pip install 'hardneg[bench]'`` (sentence-transformers, datasets).
@@ -151,6 +152,7 @@ def bench_size(n: int, args: argparse.Namespace) -> dict:
     (index, build_wall, build_cpu) = clocks(lambda: VectorIndex.build(corpus.docs, corpus.topics, metric="cosine"))
     out: dict = {"n": n, "queries": args.queries, "dim": args.dim, "build_wall": build_wall, "build_cpu": build_cpu,
                  "configs": []}
+    exact_rows: dict[str, tuple[list[tuple], dict, dict]] = {}
     for name, opts, depth in (("top", {"num_negatives": 5, "range_min": 0, "range_max": 5}, None),
                               ("window+relative_margin", {"num_negatives": 5, "range_min": 3, "range_max": 8,
                                                           "relative_margin": 0.05}, args.st_depth)):
@@ -172,18 +174,19 @@ def bench_size(n: int, args: argparse.Namespace) -> dict:
         rec["overlap"] = overlap(st, hn)
         print(json.dumps(rec), flush=True)
         out["configs"].append(rec)
+        exact_rows[name] = (hn, opts, {"wall": wall, "cpu": cpu, "how": how})
     if args.ivf:
         (ivf, ivf_wall, ivf_cpu) = clocks(lambda: VectorIndex.build(corpus.docs, corpus.topics, metric="cosine",
                                                                    index="ivf", seed=args.seed))
-        opts = {"num_negatives": 5, "range_min": 0, "range_max": 5}
-        exact, _, _ = clocks(lambda: run_hardneg(index, corpus, opts))
-        for nprobe in args.nprobe:
-            got, wall, cpu = clocks(lambda: run_hardneg(ivf, corpus, opts, SearchParams(nprobe=nprobe)))
-            rec = {"name": f"ivf nprobe={nprobe}", "build_wall": ivf_wall, "build_cpu": ivf_cpu,
-                   "hardneg_wall": wall, "hardneg_cpu": cpu, "overlap_vs_exact": overlap(exact, got),
-                   "factory": ivf.spec.factory}
-            print(json.dumps(rec), flush=True)
-            out["configs"].append(rec)
+        for name, (exact, opts, st) in exact_rows.items():
+            for nprobe in args.nprobe:
+                got, wall, cpu = clocks(lambda: run_hardneg(ivf, corpus, opts, SearchParams(nprobe=nprobe)))
+                rec = {"name": f"ivf {name} nprobe={nprobe}", "build_wall": ivf_wall, "build_cpu": ivf_cpu,
+                       "hardneg_wall": wall, "hardneg_cpu": cpu, "overlap_vs_exact": overlap(exact, got),
+                       "ratio_cpu_vs_st": st["cpu"] / cpu, "ratio_wall_vs_st": st["wall"] / wall,
+                       "st_best": st["how"], "factory": ivf.spec.factory}
+                print(json.dumps(rec), flush=True)
+                out["configs"].append(rec)
     return out
 
 
