@@ -65,7 +65,10 @@ def mine_negatives(search: CandidateSearch, pending: np.ndarray, admissible: np.
     dropped = {g.name: 0 for g in guards}
     counters: Counter[str] = Counter()
     radii = guard_radii(guards, d2_pos) if floor_search is not None else None
-    k = strategy.initial_width() if radii is None else strategy.pool_size() + FLOOR_SLACK
+    if radii is None:
+        k = strategy.initial_width()
+    else:  # no slack without guards: nothing lies within rounding of a radius
+        k = strategy.pool_size() + (FLOOR_SLACK if radii.shape[1] else 0)
     while pending.size:
         k_eff = int(min(k, admissible[pending].max()))
         if radii is None:

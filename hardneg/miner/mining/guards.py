@@ -160,10 +160,12 @@ def _radius_of_score(s: np.ndarray, metric: str) -> np.ndarray:
 
 def guard_radii(guards: list[Guard], d2_pos: np.ndarray) -> np.ndarray | None:
     """(m, g) the cumulative radii of ``guards`` in their order (column ``j``: the largest of the first ``j + 1``), so
-    a candidate nearer than column ``j`` and not than ``j - 1`` is dropped by guard ``j``; None when some guard is
-    not a radius or there is none."""
+    a candidate nearer than column ``j`` and not than ``j - 1`` is dropped by guard ``j``; (m, 0) when there is no
+    guard, None when some guard is not a radius."""
     radii = [g.radius(d2_pos) for g in guards]
-    if not radii or any(r is None for r in radii):
+    if not radii:
+        return np.empty((len(d2_pos), 0))
+    if any(r is None for r in radii):
         return None
     return np.maximum.accumulate(np.stack(radii, axis=1).astype(np.float64), axis=1)
 

@@ -144,7 +144,7 @@ def mine_queries(index: VectorIndex, queries: np.ndarray, config: MiningConfig, 
     qids = np.arange(m, dtype=np.int64) if query_ids is None else check_int_array(query_ids, "query_ids", m)
     self_rows = None if exclude_ids is None else _rows(index, check_int_array(exclude_ids, "exclude_ids", m),
                                                        "exclude_ids")
-    vectors = stored_vectors(index)
+    vectors = stored_vectors(index, copy=False)  # read within this call only
     stats = MiningStats(config.strategy, index.metric, config.margin, config.per_anchor, anchors=m)
     if positives is not None:
         if len(positives) != m:
