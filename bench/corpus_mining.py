@@ -31,6 +31,7 @@ import os
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
+from unittest.mock import patch
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ import torch
 from hardneg.miner.formats import build_rows
 from hardneg.miner.index import SearchParams, VectorIndex
 from hardneg.miner.mining import MiningConfig
+from hardneg.miner.mining import queries
 from hardneg.miner.mining.queries import PositiveSets, mine_queries
 
 
@@ -116,7 +118,12 @@ def run_st(corpus: Corpus, opts: dict, use_faiss: bool, depth: int | None) -> li
     return list(zip(*(out[c] for c in cols)))
 
 
-def run_hardneg(index: VectorIndex, corpus: Corpus, opts: dict, params: SearchParams | None = None) -> list[tuple]:
+def run_hardneg(index: VectorIndex, corpus: Corpus, opts: dict, params: SearchParams | None = None,
+                one_pass: bool = True) -> list[tuple]:
+    """hardneg's rows; ``one_pass=False`` mines as before the one-pass scan (FAISS search, widened x8 per round)."""
+    if not one_pass:
+        with patch.object(queries, "_positives_floor_search", lambda *_: None):
+            return run_hardneg(index, corpus, opts, params)
     cfg = MiningConfig(strategy="window", per_anchor=opts["num_negatives"], window_skip=opts["range_min"],
                        window_width=opts["range_max"] - opts["range_min"], window_sampling="top",
                        relative_margin=opts.get("relative_margin"))
@@ -158,6 +165,9 @@ def bench_size(n: int, args: argparse.Namespace) -> dict:
                                                           "relative_margin": 0.05}, args.st_depth)):
         rec: dict = {"name": name, "options": opts, "st_range_max": max(opts["range_max"], depth or 0)}
         hn, rec["hardneg_wall"], rec["hardneg_cpu"] = clocks(lambda: run_hardneg(index, corpus, opts))
+        if args.before:
+            old, rec["before_wall"], rec["before_cpu"] = clocks(lambda: run_hardneg(index, corpus, opts, one_pass=False))
+            rec["before_overlap"] = overlap(old, hn)
         variants = [True] + ([False] if n <= args.torch_max else [])
         best = None
         for use_faiss in variants:
@@ -172,6 +182,8 @@ def bench_size(n: int, args: argparse.Namespace) -> dict:
         rec["ratio_cpu"] = cpu / rec["hardneg_cpu"]
         rec["ratio_wall_with_build"] = wall / (rec["hardneg_wall"] + build_wall)
         rec["overlap"] = overlap(st, hn)
+        if args.before:
+            rec["before_ratio_cpu"], rec["before_ratio_wall"] = cpu / rec["before_cpu"], wall / rec["before_wall"]
         print(json.dumps(rec), flush=True)
         out["configs"].append(rec)
         exact_rows[name] = (hn, opts, {"wall": wall, "cpu": cpu, "how": how})
@@ -202,9 +214,16 @@ def main() -> None:
                    help="sentence-transformers' range_max under the margin (deep enough to fill the window)")
     p.add_argument("--ivf", action="store_true", help="also mine an IVF snapshot (approximate)")
     p.add_argument("--nprobe", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--before", action="store_true",
+                   help="also time hardneg without the one-pass scan (FAISS flat search, widening x8), as before it")
     p.add_argument("--out", help="write the records as JSON here")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    # Import sentence-transformers and datasets before any clock starts, so the first baseline run is not
+    # charged their import time (several CPU seconds).
+    import datasets  # noqa: F401
+    import sentence_transformers.util  # noqa: F401
+
     records = []
     for n in args.sizes:
         print(f"# corpus {n}: load average {os.getloadavg()}", flush=True)
