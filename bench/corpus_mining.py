@@ -10,12 +10,13 @@ optionally ``relative_margin``. sentence-transformers runs with ``use_faiss=True
 large corpora) and with ``use_faiss=False`` (torch matmul + topk in blocks of 512 queries: its default block of
 16384 would need 64 GB at 1M); the faster of the two is the baseline. Under the margin, sentence-transformers
 ranks only the ``range_max + max_positives`` candidates it fetched, so it gets ``range_max=--st-depth`` (deep
-enough to fill the window) while hardneg widens its own search as needed.
+enough to fill the window) while hardneg searches past each query's margin radius in one pass.
 
 Reported per size: wall-clock and process CPU seconds of each (hardneg's snapshot build apart, since a
 snapshot is built once and mined many times; also the ratio including it), and the overlap of the
 negatives row by row (exact mode: the share of rows whose negatives are identical, and the mean share of
-negatives in common). IVF rows: hardneg on an IVF snapshot of the same corpus, overlap against exact.
+negatives in common). IVF rows (``--ivf``): hardneg on an IVF snapshot of the same corpus for both
+configurations, overlap against exact hardneg and CPU/wall ratio against the same configuration's ST baseline.
 
 Run (heavy at 1M: ~3 GiB, minutes): ``flock /tmp/hardneg-bench.lock .venv/bin/python bench/corpus_mining.py``.
 Needs ``pip install 'hardneg[bench]'`` (sentence-transformers, datasets).
@@ -30,6 +31,7 @@ import os
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
+from unittest.mock import patch
 
 import numpy as np
 import torch
@@ -37,6 +39,7 @@ import torch
 from hardneg.miner.formats import build_rows
 from hardneg.miner.index import SearchParams, VectorIndex
 from hardneg.miner.mining import MiningConfig
+from hardneg.miner.mining import queries
 from hardneg.miner.mining.queries import PositiveSets, mine_queries
 
 
@@ -115,7 +118,12 @@ def run_st(corpus: Corpus, opts: dict, use_faiss: bool, depth: int | None) -> li
     return list(zip(*(out[c] for c in cols)))
 
 
-def run_hardneg(index: VectorIndex, corpus: Corpus, opts: dict, params: SearchParams | None = None) -> list[tuple]:
+def run_hardneg(index: VectorIndex, corpus: Corpus, opts: dict, params: SearchParams | None = None,
+                one_pass: bool = True) -> list[tuple]:
+    """hardneg's rows; ``one_pass=False`` mines as before the one-pass scan (FAISS search, widened x8 per round)."""
+    if not one_pass:
+        with patch.object(queries, "_positives_floor_search", lambda *_: None):
+            return run_hardneg(index, corpus, opts, params)
     cfg = MiningConfig(strategy="window", per_anchor=opts["num_negatives"], window_skip=opts["range_min"],
                        window_width=opts["range_max"] - opts["range_min"], window_sampling="top",
                        relative_margin=opts.get("relative_margin"))
@@ -151,11 +159,15 @@ def bench_size(n: int, args: argparse.Namespace) -> dict:
     (index, build_wall, build_cpu) = clocks(lambda: VectorIndex.build(corpus.docs, corpus.topics, metric="cosine"))
     out: dict = {"n": n, "queries": args.queries, "dim": args.dim, "build_wall": build_wall, "build_cpu": build_cpu,
                  "configs": []}
+    exact_rows: dict[str, tuple[list[tuple], dict, dict]] = {}
     for name, opts, depth in (("top", {"num_negatives": 5, "range_min": 0, "range_max": 5}, None),
                               ("window+relative_margin", {"num_negatives": 5, "range_min": 3, "range_max": 8,
                                                           "relative_margin": 0.05}, args.st_depth)):
         rec: dict = {"name": name, "options": opts, "st_range_max": max(opts["range_max"], depth or 0)}
         hn, rec["hardneg_wall"], rec["hardneg_cpu"] = clocks(lambda: run_hardneg(index, corpus, opts))
+        if args.before:
+            old, rec["before_wall"], rec["before_cpu"] = clocks(lambda: run_hardneg(index, corpus, opts, one_pass=False))
+            rec["before_overlap"] = overlap(old, hn)
         variants = [True] + ([False] if n <= args.torch_max else [])
         best = None
         for use_faiss in variants:
@@ -170,20 +182,23 @@ def bench_size(n: int, args: argparse.Namespace) -> dict:
         rec["ratio_cpu"] = cpu / rec["hardneg_cpu"]
         rec["ratio_wall_with_build"] = wall / (rec["hardneg_wall"] + build_wall)
         rec["overlap"] = overlap(st, hn)
+        if args.before:
+            rec["before_ratio_cpu"], rec["before_ratio_wall"] = cpu / rec["before_cpu"], wall / rec["before_wall"]
         print(json.dumps(rec), flush=True)
         out["configs"].append(rec)
+        exact_rows[name] = (hn, opts, {"wall": wall, "cpu": cpu, "how": how})
     if args.ivf:
         (ivf, ivf_wall, ivf_cpu) = clocks(lambda: VectorIndex.build(corpus.docs, corpus.topics, metric="cosine",
                                                                    index="ivf", seed=args.seed))
-        opts = {"num_negatives": 5, "range_min": 0, "range_max": 5}
-        exact, _, _ = clocks(lambda: run_hardneg(index, corpus, opts))
-        for nprobe in args.nprobe:
-            got, wall, cpu = clocks(lambda: run_hardneg(ivf, corpus, opts, SearchParams(nprobe=nprobe)))
-            rec = {"name": f"ivf nprobe={nprobe}", "build_wall": ivf_wall, "build_cpu": ivf_cpu,
-                   "hardneg_wall": wall, "hardneg_cpu": cpu, "overlap_vs_exact": overlap(exact, got),
-                   "factory": ivf.spec.factory}
-            print(json.dumps(rec), flush=True)
-            out["configs"].append(rec)
+        for name, (exact, opts, st) in exact_rows.items():
+            for nprobe in args.nprobe:
+                got, wall, cpu = clocks(lambda: run_hardneg(ivf, corpus, opts, SearchParams(nprobe=nprobe)))
+                rec = {"name": f"ivf {name} nprobe={nprobe}", "build_wall": ivf_wall, "build_cpu": ivf_cpu,
+                       "hardneg_wall": wall, "hardneg_cpu": cpu, "overlap_vs_exact": overlap(exact, got),
+                       "ratio_cpu_vs_st": st["cpu"] / cpu, "ratio_wall_vs_st": st["wall"] / wall,
+                       "st_best": st["how"], "factory": ivf.spec.factory}
+                print(json.dumps(rec), flush=True)
+                out["configs"].append(rec)
     return out
 
 
@@ -199,9 +214,16 @@ def main() -> None:
                    help="sentence-transformers' range_max under the margin (deep enough to fill the window)")
     p.add_argument("--ivf", action="store_true", help="also mine an IVF snapshot (approximate)")
     p.add_argument("--nprobe", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--before", action="store_true",
+                   help="also time hardneg without the one-pass scan (FAISS flat search, widening x8), as before it")
     p.add_argument("--out", help="write the records as JSON here")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    # Import sentence-transformers and datasets before any clock starts, so the first baseline run is not
+    # charged their import time (several CPU seconds).
+    import datasets  # noqa: F401
+    import sentence_transformers.util  # noqa: F401
+
     records = []
     for n in args.sizes:
         print(f"# corpus {n}: load average {os.getloadavg()}", flush=True)

@@ -13,6 +13,7 @@ import pytest
 from hardneg.miner.errors import NotFoundError, ValidationError
 from hardneg.miner.index import VectorIndex
 from hardneg.miner.mining import MiningConfig
+from hardneg.miner.mining.guards import Candidates, Guard
 from hardneg.miner.mining.queries import PositiveSets, mine_queries
 
 METRICS = ("cosine", "l2")
@@ -116,16 +117,38 @@ def test_random_window_draws_inside_the_window(clusters, metric: str) -> None:
         assert np.all(np.diff(res.negative_d2[i]) >= 0)  # nearest first
 
 
-def test_guard_counts_and_widening_match_reference(clusters) -> None:
-    """A margin that drops most of the nearest candidates forces deeper searches; the window is still exact."""
-    data, index, queries, pos = corpus_and_qrels(clusters, "cosine", seed=8)
-    cfg = MiningConfig(strategy="window", per_anchor=2, window_skip=0, window_width=2, window_sampling="top",
-                       absolute_margin=0.3, candidates=2)
-    res = mine_queries(index, queries, cfg, positives=PositiveSets.from_lists(pos))
-    assert res.stats.anchors_widened > 0
+class _KeepAll(Guard):
+    """A guard that is no radius (it drops nothing): the core must fall back to searching and widening."""
+
+    name = "keep_all"
+
+    def drops(self, c: Candidates, alive: np.ndarray) -> np.ndarray:
+        return np.zeros_like(alive)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("widen", [False, True])
+def test_deep_margin_in_one_pass_equals_reference(clusters, metric: str, widen: bool) -> None:
+    """A margin that drops most of the nearest candidates: exact snapshots search beyond each query's radius in one
+    pass (``widen=False``); with a guard that is no radius the core widens instead. Both equal brute force, and so
+    do the guards' drop counts (every candidate nearer than the radius, over the whole corpus)."""
+    data, index, queries, pos = corpus_and_qrels(clusters, metric, seed=8)
+    margin = {"absolute_margin": 0.3} if metric == "cosine" else {"relative_margin": 0.5}
+    cfg = MiningConfig(strategy="window", per_anchor=2, window_skip=1, window_width=2, window_sampling="top",
+                       candidates=2, **margin)
+    res = mine_queries(index, queries, cfg, positives=PositiveSets.from_lists(pos),
+                       extra_guards=[_KeepAll()] if widen else ())
+    if widen:
+        assert res.stats.anchors_widened > 0 and res.stats.search_rounds > 1
+    else:
+        assert res.stats.anchors_widened == 0 and res.stats.search_rounds == 1
+    want = dict.fromkeys(("absolute_margin", "relative_margin", "max_score"), 0)
     for i, p in enumerate(pos[1:], start=1):
-        kept, kept_d2, _ = ref_window(data.vectors, data.ids, queries[i], p, cfg, "cosine")
-        np.testing.assert_allclose(res.negative_d2[i][:len(kept[:2])], kept_d2[:2], rtol=1e-5, atol=1e-6)
+        kept, kept_d2, dropped = ref_window(data.vectors, data.ids, queries[i], p, cfg, metric)
+        np.testing.assert_allclose(res.negative_d2[i][:len(kept[1:3])], kept_d2[1:3], rtol=1e-5, atol=1e-6)
+        assert not set(res.negatives[i].tolist()) & set(p)
+        want = {k: want[k] + v for k, v in dropped.items()}
+    assert res.stats.guard_dropped[next(iter(margin))] == want[next(iter(margin))] > 0
 
 
 def test_exclude_self_and_positive_d2(clusters) -> None:

@@ -46,6 +46,11 @@ class Guard(ABC):
         """(m, K) bool: the candidates that this guard drops; only the ``alive`` (m, K) ones are counted, so a
         costly guard may look at those alone."""
 
+    def radius(self, d2_pos: np.ndarray) -> np.ndarray | None:
+        """(m,) float64 ``R`` such that this guard drops exactly the candidates with ``d² < R`` (up to rounding), for
+        anchors with ``d2_pos`` (m,); None when it is no such radius (then searches cannot skip what it drops)."""
+        return None
+
 
 @dataclass(frozen=True)
 class NearDuplicateGuard(Guard):
@@ -53,6 +58,9 @@ class NearDuplicateGuard(Guard):
 
     threshold: float
     name: ClassVar[str] = "near_duplicate"
+
+    def radius(self, d2_pos: np.ndarray) -> np.ndarray:
+        return np.full(len(d2_pos), float(self.threshold))
 
     def drops(self, c: Candidates, alive: np.ndarray) -> np.ndarray:
         return c.d2 < self.threshold
@@ -71,6 +79,11 @@ class PositiveAwareGuard(Guard):
     cosine: bool
     name: ClassVar[str] = "positive_aware"
 
+    def radius(self, d2_pos: np.ndarray) -> np.ndarray:
+        if self.cosine:  # 1 - d²/2 > f (1 - d²_p/2)  <=>  d² < 2 - f (2 - d²_p)
+            return 2.0 - self.fraction * (2.0 - d2_pos)
+        return d2_pos / self.fraction
+
     def drops(self, c: Candidates, alive: np.ndarray) -> np.ndarray:
         if self.cosine:
             return (1.0 - c.d2 / 2.0) > self.fraction * (1.0 - c.d2_pos[:, None] / 2.0)
@@ -86,6 +99,9 @@ class AbsoluteMarginGuard(Guard):
     metric: str
     name: ClassVar[str] = "absolute_margin"
 
+    def radius(self, d2_pos: np.ndarray) -> np.ndarray:
+        return _radius_of_score(similarity(d2_pos, self.metric) - self.margin, self.metric)
+
     def drops(self, c: Candidates, alive: np.ndarray) -> np.ndarray:
         s_p = similarity(c.d2_pos, self.metric)[:, None]
         return similarity(c.d2, self.metric) > s_p - self.margin
@@ -100,6 +116,10 @@ class RelativeMarginGuard(Guard):
     metric: str
     name: ClassVar[str] = "relative_margin"
 
+    def radius(self, d2_pos: np.ndarray) -> np.ndarray:
+        s_p = similarity(d2_pos, self.metric)
+        return _radius_of_score(s_p - np.abs(s_p) * self.margin, self.metric)
+
     def drops(self, c: Candidates, alive: np.ndarray) -> np.ndarray:
         s_p = similarity(c.d2_pos, self.metric)[:, None]
         return similarity(c.d2, self.metric) > s_p - np.abs(s_p) * self.margin
@@ -112,6 +132,9 @@ class MaxScoreGuard(Guard):
     threshold: float
     metric: str
     name: ClassVar[str] = "max_score"
+
+    def radius(self, d2_pos: np.ndarray) -> np.ndarray:
+        return _radius_of_score(np.full(len(d2_pos), float(self.threshold)), self.metric)
 
     def drops(self, c: Candidates, alive: np.ndarray) -> np.ndarray:
         return similarity(c.d2, self.metric) > self.threshold
@@ -128,6 +151,23 @@ class SuspectGuard(Guard):
 
     def drops(self, c: Candidates, alive: np.ndarray) -> np.ndarray:
         return alive & self.suspects[np.where(c.rows >= 0, c.rows, 0)]
+
+
+def _radius_of_score(s: np.ndarray, metric: str) -> np.ndarray:
+    """The ``d²`` below which :func:`similarity` exceeds ``s``: ``2 (1 - s)`` for cosine, ``-s`` for l2."""
+    return 2.0 * (1.0 - s) if metric == "cosine" else -s
+
+
+def guard_radii(guards: list[Guard], d2_pos: np.ndarray) -> np.ndarray | None:
+    """(m, g) the cumulative radii of ``guards`` in their order (column ``j``: the largest of the first ``j + 1``), so
+    a candidate nearer than column ``j`` and not than ``j - 1`` is dropped by guard ``j``; (m, 0) when there is no
+    guard, None when some guard is not a radius."""
+    radii = [g.radius(d2_pos) for g in guards]
+    if not radii:
+        return np.empty((len(d2_pos), 0))
+    if any(r is None for r in radii):
+        return None
+    return np.maximum.accumulate(np.stack(radii, axis=1).astype(np.float64), axis=1)
 
 
 def build_guards(config: MiningConfig, metric: str) -> list[Guard]:

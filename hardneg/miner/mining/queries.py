@@ -32,6 +32,7 @@ from hardneg.miner.errors import NotFoundError, ValidationError
 from hardneg.miner.index import SearchParams, VectorIndex, check_int_array, check_vectors
 from hardneg.miner.mining.core import mine_negatives
 from hardneg.miner.mining.config import MiningConfig
+from hardneg.miner.mining.floor_search import floor_knn
 from hardneg.miner.mining.guards import Guard, build_guards, similarity
 from hardneg.miner.mining.miner import STRATEGIES, stored_vectors
 from hardneg.miner.mining.search import padded
@@ -39,8 +40,9 @@ from hardneg.miner.mining.stats import MiningStats
 
 log = logging.getLogger(__name__)
 
-# A query-mode search round costs one pass over the corpus on flat snapshots whatever its width (one GEMM),
-# so anchors whose guards emptied the window are searched again 8x (not 2x) wider: fewer passes.
+# Where a query-mode search must widen (approximate snapshots, or a guard that is no score radius), each
+# round costs a pass over the corpus whatever its width, so anchors whose guards emptied the window are
+# searched again 8x (not 2x) wider: fewer passes. Exact snapshots under score guards search once.
 WIDEN_GROWTH = 8
 
 
@@ -142,7 +144,7 @@ def mine_queries(index: VectorIndex, queries: np.ndarray, config: MiningConfig, 
     qids = np.arange(m, dtype=np.int64) if query_ids is None else check_int_array(query_ids, "query_ids", m)
     self_rows = None if exclude_ids is None else _rows(index, check_int_array(exclude_ids, "exclude_ids", m),
                                                        "exclude_ids")
-    vectors = stored_vectors(index)
+    vectors = stored_vectors(index, copy=False)  # read within this call only
     stats = MiningStats(config.strategy, index.metric, config.margin, config.per_anchor, anchors=m)
     if positives is not None:
         if len(positives) != m:
@@ -160,6 +162,7 @@ def mine_queries(index: VectorIndex, queries: np.ndarray, config: MiningConfig, 
         pending = np.flatnonzero(positives.lengths > 0)
         stats.anchors_singleton = int(m - len(pending))
         search = _positives_search(index, q, blocked, params)
+        floor_search = _positives_floor_search(index, vectors, q, blocked) if index.exact else None
     else:
         positives = PositiveSets(np.zeros(m + 1, np.int64), np.empty(0, np.int64))
         pos_d2 = np.empty(0)
@@ -169,10 +172,12 @@ def mine_queries(index: VectorIndex, queries: np.ndarray, config: MiningConfig, 
         admissible = n - index.class_sizes_of(qlab) - (~self_same).astype(np.int64)
         pending = np.arange(m)
         search = _label_search(index, q, qlab, self_rows, params)
+        floor_search = None
     strategy = STRATEGIES[config.strategy](config, vectors, index.metric)
     guards = build_guards(config, index.metric) + list(extra_guards)
     neg_rows = mine_negatives(search, pending, admissible, d2_pos, strategy, guards,
-                              np.random.default_rng(config.seed), stats, m, growth=WIDEN_GROWTH)
+                              np.random.default_rng(config.seed), stats, m, growth=WIDEN_GROWTH,
+                              floor_search=floor_search)
     result = _assemble(index, vectors, q, qids, positives, pos_d2, neg_rows, stats)
     stats.anchors_short = int(((result.negatives >= 0).sum(1) < config.per_anchor)[pending].sum()) \
         - stats.semihard_skipped
@@ -212,6 +217,20 @@ def _positives_search(index: VectorIndex, q: np.ndarray, blocked: _Blocked, para
         order = np.argsort(rows < 0, axis=1, kind="stable")[:, :k]
         rows, d2 = np.take_along_axis(rows, order, 1), np.take_along_axis(d2, order, 1)
         return rows, np.where(rows >= 0, d2, np.inf).astype(np.float32)
+
+    return search
+
+
+def _positives_floor_search(index: VectorIndex, vectors: np.ndarray, q: np.ndarray, blocked: _Blocked):
+    """Exact nearest items beyond per-query radii that are neither a positive of the query nor the query itself:
+    one blockwise pass over the corpus (:func:`~hardneg.miner.mining.floor_search.floor_knn`)."""
+    owner, rows = blocked.keys // max(blocked.n, 1), blocked.keys % max(blocked.n, 1)
+
+    def search(pos: np.ndarray, k: int, radii: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        local = np.full(len(q), -1, np.int64)
+        local[pos] = np.arange(len(pos))
+        mine = local[owner] >= 0
+        return floor_knn(q[pos], vectors, radii, k, index.distance, (local[owner[mine]], rows[mine]))
 
     return search
 

@@ -1,0 +1,156 @@
+"""Exact "nearest items beyond a radius" search over flat snapshots: one pass whatever the guards drop.
+
+The score guards (margins against the positive, ``max_score``, near-duplicates) each drop exactly the
+candidates nearer than a per-anchor radius (:meth:`~hardneg.miner.mining.guards.Guard.radius`). Searching
+the plain nearest neighbours and widening until enough survive costs a pass over the corpus per widening
+(sentence-transformers' ``relative_margin=0.05`` at 1M items drops the ~1,000 nearest documents of a
+query's topic: three passes). Here the corpus is scanned once in blocks: each block's scores come from one
+matrix product (numpy's BLAS), and only the entries at or above a query's running ``k``-th best score (its
+*floor*, seeded from the first block) are taken out of it, found by one comparison and a scan of the mask
+eight entries at a time: after the first blocks a query gains only a few entries per block, so selecting
+costs a small fraction of the product. Entries nearer than the radius, or blocked for the query (its
+positives, itself), are counted and left out. Without a radius (no guard) this is the plain exact top-``k``,
+at about the cost of the matrix product alone, which FAISS's flat search (a heap per query, BLAS threads
+that spin between small products) exceeds about twofold on two cores.
+
+The radius is lowered by a few float32 ulps of the distance scale, so an item whose float32 ``d²`` the guard
+would keep is never masked; the guards still run over what is returned and decide the band's few items.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from hardneg.miner.distances import Distance
+from hardneg.miner.mining.topk import score_to_d2
+
+# Queries and corpus rows per block: a (1024, 8192) float32 score block is 32 MiB per thread.
+QUERY_BLOCK = 1024
+CORPUS_BLOCK = 8192
+# Fewer queries than this per CPU are not worth a thread.
+MIN_QUERIES_PER_WORKER = 64
+# How far below each radius the mask starts, relative to the distance scale (float32 eps is 1.2e-7).
+_SLACK = 1e-5
+
+
+def floor_knn(q: np.ndarray, vectors: np.ndarray, floors: np.ndarray, k: int, distance: Distance,
+              blocked: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``k`` nearest rows of ``vectors`` to each query at ``d²`` not below its radius, and how many lie below.
+
+    Args:
+        q: (b, d) float32 prepared queries.
+        vectors: (n, d) float32 prepared corpus.
+        floors: (b, g) float64 radii in ``d²`` per query, non-decreasing along each row (the guards' cumulative
+            radii, in the order the guards run); the last one bounds the search.
+        k: neighbours wanted per query, >= 1.
+        distance: the metric.
+        blocked: ``(query, row)`` (p,) each: pairs never to return nor count (a query's positives, itself).
+
+    Returns:
+        ``rows`` (b, k) int64 and ``d2`` (b, k) float32, nearest first, ``-1`` / ``inf``-padded; ``below``
+        (b, g) int64: how many unblocked rows lie nearer than each (lowered) radius, none of them returned.
+    """
+    b, n = len(q), len(vectors)
+    g = floors.shape[1]
+    rows = np.full((b, k), -1, np.int64)
+    d2 = np.full((b, k), np.inf, np.float32)
+    below = np.zeros((b, g), np.int64)
+    if n == 0 or b == 0:
+        return rows, d2, below
+    x = np.ascontiguousarray(vectors, np.float32)
+    half_norm = None if distance.higher_is_closer else 0.5 * np.einsum("ij,ij->i", x, x)
+    qn = np.einsum("ij,ij->i", q, q).astype(np.float64)
+    # d² < F  <=>  score > (offset - F) / 2, with score and offset as in topk.scores / score_to_d2.
+    offset = np.full(b, 2.0) if distance.higher_is_closer else qn
+    scale = offset + (0.0 if distance.higher_is_closer else float(half_norm.max()) * 2.0)
+    caps = (offset[:, None] - (floors - _SLACK * (scale[:, None] + np.abs(floors)))) / 2.0
+    bq, br = (np.empty(0, np.int64),) * 2 if blocked is None else blocked
+
+    def scan(block: tuple[int, int]) -> None:
+        a, e_q = block
+        mine = (bq >= a) & (bq < e_q)
+        r, s = _scan(np.ascontiguousarray(q[a:e_q], np.float32), x, half_norm,
+                     caps[a:e_q].astype(np.float32), k, bq[mine] - a, br[mine], below[a:e_q])
+        ok = np.isfinite(s)
+        rows[a:e_q] = np.where(ok, r, -1)
+        d2[a:e_q] = np.where(ok, score_to_d2(s, q[a:e_q], distance), np.inf)
+
+    # Query blocks run in parallel, each matrix product on one BLAS thread: BLAS's own threads split each
+    # product finely and spin between them, which costs ~1.5x the CPU of the same products on one thread.
+    workers = max(1, min(len(os.sched_getaffinity(0)), -(-b // MIN_QUERIES_PER_WORKER)))
+    per = -(-b // (workers * -(-b // (workers * QUERY_BLOCK))))
+    blocks = [(a, min(a + per, b)) for a in range(0, b, per)]
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+        list(pool.map(scan, blocks))
+    return rows, d2, below
+
+
+def _scan(q: np.ndarray, x: np.ndarray, half_norm: np.ndarray | None, caps: np.ndarray, k: int,
+          bq: np.ndarray, br: np.ndarray, below: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One query block over the whole corpus: the top-``k`` scores under ``caps[:, -1]`` (rows, scores), nearest
+    first, and ``below`` (b, g) incremented in place by the unblocked entries above each cap."""
+    b, n = len(q), len(x)
+    last = caps[:, -1] if caps.shape[1] else np.full(b, np.inf, np.float32)
+    best_s = np.full((b, k), -np.inf, np.float32)
+    best_r = np.full((b, k), -1, np.int64)
+    # The running k-th best kept score of each query: only entries at or above it can still enter its top-k.
+    floor = np.full(b, -np.inf, np.float32)
+    size = b * min(CORPUS_BLOCK, n)
+    score_buf = np.empty(size, np.float32)
+    hit_buf = np.zeros(size + 8, bool)  # read 8 at a time as uint64 words: room for a partial last word
+    for s in range(0, n, CORPUS_BLOCK):
+        e = min(s + CORPUS_BLOCK, n)
+        w = e - s
+        score = score_buf[:b * w].reshape(b, w)
+        np.matmul(q, x[s:e].T, out=score)
+        if half_norm is not None:
+            score -= half_norm[s:e]
+        in_block = (br >= s) & (br < e)
+        if in_block.any():
+            score[bq[in_block], br[in_block] - s] = -np.inf
+        if s == 0 and w > k:
+            # Seed the floors with the first block's k-th best entry under the cap, so that no block (the first
+            # one included) yields more than the few entries that can still enter the top-k.
+            floor = np.partition(np.where(score > last[:, None], -np.inf, score), w - k, axis=1)[:, w - k]
+        r, c = _hits(score, floor, hit_buf)
+        v = score[r, c]
+        # Every entry above a cap is a hit (a floor never exceeds the last cap): count them, then drop them.
+        for j in range(caps.shape[1]):
+            below[:, j] += np.bincount(r[v > caps[r, j]], minlength=b)
+        keep = (v <= last[r]) & (v > -np.inf)
+        if keep.any():
+            best_s, best_r = _merge(best_s, best_r, r[keep], c[keep] + s, v[keep], k)
+            floor = best_s.min(1)
+    order = np.lexsort((best_r, -best_s), axis=-1)
+    return np.take_along_axis(best_r, order, 1), np.take_along_axis(best_s, order, 1)
+
+
+def _hits(score: np.ndarray, floor: np.ndarray, hit_buf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where ``score`` (b, w) >= ``floor`` (b,): (query, column) pairs sorted by query. Hits are sparse, so the
+    mask is scanned 8 entries at a time (as uint64 words) and only the words that hold one are expanded."""
+    b, w = score.shape
+    words = -(-b * w // 8)
+    hit_buf[b * w:words * 8] = False
+    np.greater_equal(score, floor[:, None], out=hit_buf[:b * w].reshape(b, w))
+    at = np.flatnonzero(hit_buf[:words * 8].view(np.uint64))
+    word, byte = np.nonzero(hit_buf[:words * 8].reshape(-1, 8)[at])
+    return np.divmod(at[word] * 8 + byte, w)
+
+
+def _merge(best_s: np.ndarray, best_r: np.ndarray, r: np.ndarray, c: np.ndarray, v: np.ndarray,
+           k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The running top-``k`` (b, k) merged with new entries ``(r, c, v)`` (query, row, score; sorted by query)."""
+    b = len(best_s)
+    counts = np.bincount(r, minlength=b)
+    slot = np.arange(len(r)) - np.repeat(np.cumsum(counts) - counts, counts)
+    new_s = np.full((b, int(counts.max())), -np.inf, np.float32)
+    new_r = np.full(new_s.shape, -1, np.int64)
+    new_s[r, slot], new_r[r, slot] = v, c
+    all_s = np.concatenate([best_s, new_s], 1)
+    all_r = np.concatenate([best_r, new_r], 1)
+    top = np.argpartition(-all_s, k - 1, axis=1)[:, :k]
+    return np.take_along_axis(all_s, top, 1), np.take_along_axis(all_r, top, 1)
