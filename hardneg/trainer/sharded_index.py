@@ -29,7 +29,8 @@ float rounding of the centroids), the same statistics. Random choices (random po
 distance-weighted sampling) come from each rank's seeded stream, as in :mod:`~hardneg.trainer.sharded_refresh`.
 
 Not sharded: approximate indexes (``ivf``, ``hnsw``: trained on all vectors at once), ``exclude_suspects``
-(the label audit reads the whole index) and recipe ``simclr``; ``--shard-index on`` refuses them,
+(the label audit reads the whole index), ``refresh_on_drift`` (it reads the whole snapshot) and recipe
+``simclr``; a sharded snapshot carries no thumbnails; ``--shard-index on`` refuses them,
 ``auto`` (the default) shards only when none of them is asked for and the training set holds at least
 ``SHARD_INDEX_FROM`` items.
 """
@@ -63,7 +64,7 @@ from hardneg.miner.mining.topk import merge_topk
 from hardneg.miner.store import IDS_FILE, INDEX_FILE, LABELS_FILE
 from hardneg.trainer import tuples as tp
 from hardneg.trainer.batching import ClassGroups
-from hardneg.trainer.config import SHARDABLE_RECIPES, TrainConfig, unshardable
+from hardneg.trainer.config import TrainConfig, unshardable
 from hardneg.trainer.distributed import DistContext
 from hardneg.trainer.refresh import Published, SnapshotPublisher, _plain, embed_items, mining_config
 from hardneg.trainer.sharded_refresh import merge_counters, summarised_distances
