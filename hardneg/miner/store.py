@@ -167,6 +167,51 @@ def _check_manifest(name: str, m: dict) -> None:
         raise bad("files", "an object mapping file names to {sha256: 64 hex digits, size: integer}")
 
 
+def _check_names(name: str | None, extra_files: Mapping[str, str | os.PathLike] | None) -> None:
+    if name is not None:
+        validate_name(name)
+    for fname in extra_files or {}:
+        if fname in (MANIFEST, SIGNATURE, INDEX_FILE, IDS_FILE, LABELS_FILE, THUMBS_FILE) or not _is_name(fname):
+            raise ValidationError(f"cannot publish an extra file named {fname!r}")
+
+
+def _manifest(dim: int, metric: str, count: int, num_classes: int, spec: IndexSpec, model: Mapping | None,
+              meta: Mapping | None, files: dict) -> dict:
+    """A new snapshot's manifest, before it is named."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": None,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds"),
+        "dim": dim,
+        "metric": metric,
+        "count": count,
+        "num_classes": num_classes,
+        "index": spec.to_dict(),
+        "model": dict(model) if model is not None else None,
+        "thumbs": None,
+        "meta": dict(meta or {}),
+        "files": files,
+    }
+
+
+def _check_prepared(folder: Path) -> int:
+    """The row count of the ids and labels written into ``folder``; ValidationError if they are not one unique id
+    and one label per row with labels ascending (what :class:`VectorIndex` requires of a snapshot)."""
+    for fname in (INDEX_FILE, IDS_FILE, LABELS_FILE):
+        if not (folder / fname).is_file():
+            raise ValidationError(f"{folder.name} has no {fname}; write the index, ids and labels first")
+    ids = np.load(folder / IDS_FILE, mmap_mode="r", allow_pickle=False)
+    labels = np.load(folder / LABELS_FILE, mmap_mode="r", allow_pickle=False)
+    if ids.ndim != 1 or ids.shape != labels.shape or ids.dtype != np.int64 or labels.dtype != np.int64:
+        raise ValidationError(f"ids and labels must be (n,) int64 each, got {ids.shape} {ids.dtype} and "
+                              f"{labels.shape} {labels.dtype}")
+    if len(labels) > 1 and (np.diff(labels) < 0).any():
+        raise ValidationError("labels must ascend: a snapshot's rows are sorted by label")
+    if len(np.unique(ids)) != len(ids):
+        raise ValidationError("ids must be unique")
+    return int(len(ids))
+
+
 def _manifest_digest(manifest: Mapping) -> str:
     """sha256 of the manifest's canonical JSON without its own digest field."""
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
@@ -301,11 +346,7 @@ class SnapshotStore:
         Returns:
             The published snapshot's name.
         """
-        if name is not None:
-            validate_name(name)
-        for fname in extra_files or {}:
-            if fname in (MANIFEST, SIGNATURE, INDEX_FILE, IDS_FILE, LABELS_FILE, THUMBS_FILE) or not _is_name(fname):
-                raise ValidationError(f"cannot publish an extra file named {fname!r}")
+        _check_names(name, extra_files)
         thumbs = None if thumbs is None else thumbs_in_row_order(index, thumbs, thumb_ids)
         self._make_dirs()
         tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.root))
@@ -314,20 +355,9 @@ class SnapshotStore:
             # other users (an api replica under another uid). Not umask-derived: reading the umask races threads.
             os.chmod(tmp, DIR_MODE)
             files = self._write_payload(tmp, index, extra_files or {}, thumbs)
-            manifest = {
-                "format_version": FORMAT_VERSION,
-                "name": None,
-                "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds"),
-                "dim": index.dim,
-                "metric": index.metric,
-                "count": index.count,
-                "num_classes": int(len(index.classes)),
-                "index": index.spec.to_dict(),
-                "model": dict(model) if model is not None else None,
-                "thumbs": None if thumbs is None else {"shape": list(thumbs.shape), "dtype": "uint8"},
-                "meta": dict(meta or {}),
-                "files": files,
-            }
+            manifest = _manifest(index.dim, index.metric, index.count, int(len(index.classes)), index.spec, model,
+                                 meta, files)
+            manifest["thumbs"] = None if thumbs is None else {"shape": list(thumbs.shape), "dtype": "uint8"}
             final = self._rename_into_place(tmp, manifest, name)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -366,6 +396,49 @@ class SnapshotStore:
             np.save(tmp / THUMBS_FILE, thumbs, allow_pickle=False)
         np.save(tmp / IDS_FILE, index.ids.astype(np.int64), allow_pickle=False)
         np.save(tmp / LABELS_FILE, index.labels.astype(np.int64), allow_pickle=False)
+        return self._seal(tmp, extra)
+
+    def publish_prepared(self, folder: Path, *, dim: int, metric: str, spec: IndexSpec, meta: Mapping | None = None,
+                         model: Mapping | None = None, extra_files: Mapping[str, str | os.PathLike] | None = None,
+                         name: str | None = None, retain: bool = True) -> str:
+        """Publish the ``index.faiss``, ``ids.npy`` and ``labels.npy`` a writer put into ``folder`` (a
+        :meth:`staging` folder of this store), atomically, and point ``LATEST`` at it; returns its name.
+
+        For indexes too large to hold in one process: a trainer whose ranks each hold a shard of the embeddings
+        streams the rows into ``index.faiss`` in blocks (:class:`hardneg.miner.flat_file.FlatIndexWriter`). The
+        ids and labels are read back (memory-mapped) and checked: one id and label per row, ids unique, labels
+        ascending, as :class:`~hardneg.miner.index.VectorIndex` requires; ``dim``, ``metric`` and ``spec``
+        describe ``index.faiss``. The folder itself is moved into ``snapshots/``; the other arguments are
+        :meth:`publish`'s.
+        """
+        _check_names(name, extra_files)
+        folder = Path(folder)
+        if folder.parent.resolve() != self.root.resolve() or not folder.name.startswith(_TMP_PREFIX):
+            raise ValidationError(f"{folder} is not a staging folder of the store {self.root}; write into "
+                                  "SnapshotStore.staging() so that publishing is a rename")
+        count = _check_prepared(folder)
+        if spec.kind == "flat":
+            from hardneg.miner.flat_file import flat_header
+
+            size, want = (folder / INDEX_FILE).stat().st_size, len(flat_header(dim, metric, count)) + 4 * count * dim
+            if size != want:
+                raise ValidationError(f"{INDEX_FILE} holds {size} bytes; a flat index of {count} rows of {dim} "
+                                      f"floats takes {want}")
+        labels = np.load(folder / LABELS_FILE, mmap_mode="r", allow_pickle=False)
+        num_classes = int(np.count_nonzero(np.diff(labels))) + 1 if count else 0
+        del labels
+        os.chmod(folder, DIR_MODE)
+        files = self._seal(folder, extra_files or {})
+        final = self._rename_into_place(folder, _manifest(dim, metric, count, num_classes, spec, model, meta, files),
+                                        name)
+        self._point_latest(final)
+        log.info("published snapshot %s (%d items, dim %d, %s, written in blocks)", final, count, dim, spec.factory)
+        if retain:
+            self.retain()
+        return final
+
+    def _seal(self, tmp: Path, extra: Mapping[str, str | os.PathLike]) -> dict:
+        """Copy ``extra`` files into ``tmp``, make every file readable to all and durable; their sizes and sha256."""
         for fname, src in extra.items():
             shutil.copyfile(src, tmp / fname)
         files = {}

@@ -247,7 +247,12 @@ def confusable_classes(vectors: np.ndarray, labels: np.ndarray, p: int) -> np.nd
         neighbours nearest first (squared Euclidean distance between class means); exact up to
         ``EXACT_CLASSES`` classes, from an IVF index (approximate) beyond.
     """
-    classes, centroids = class_centroids(vectors, labels)
+    return class_neighbours(*class_centroids(vectors, labels), p)
+
+
+def class_neighbours(classes: np.ndarray, centroids: np.ndarray, p: int) -> np.ndarray:
+    """:func:`confusable_classes` from the classes (C,) and their centroids (C, d) float32 (e.g. reduced over the
+    ranks of a sharded index): (C, min(p, C)) int64 labels, each class first, then its nearest classes."""
     p = min(p, len(classes))
     if p == 1:
         return classes[:, None].copy()
@@ -288,7 +293,11 @@ def composition_stats(vectors: np.ndarray, labels: np.ndarray, neighbours: np.nd
     The second mean has a closed form: over the C(C - 1) ordered pairs of centroids c_i, the sum of
     |c_i - c_j|² is 2C·Σ|c_i|² - 2|Σc_i|². O(C·P·d) time and O(C·(d + P)) memory (no C x C array).
     """
-    classes, centroids = class_centroids(vectors, labels)
+    return centroid_stats(*class_centroids(vectors, labels), neighbours)
+
+
+def centroid_stats(classes: np.ndarray, centroids: np.ndarray, neighbours: np.ndarray) -> dict[str, float]:
+    """:func:`composition_stats` from the classes (C,) and their centroids (C, d)."""
     c = centroids.astype(np.float64)
     n_classes, p = len(classes), neighbours.shape[1]
     rows = np.searchsorted(classes, neighbours)

@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from hardneg.miner.index import INDEX_KINDS
 from hardneg.miner.mining.config import POSITIVES, STRATEGIES
-from hardneg.trainer.config import DEVICES, GLOBAL_BATCHES, LOSSES, MINING_MODES, MODES, PROTOCOLS, TrainConfig
+from hardneg.trainer.config import (
+    DEVICES, GLOBAL_BATCHES, LOSSES, MINING_MODES, MODES, PROTOCOLS, SHARD_INDEX, TrainConfig,
+)
 from hardneg.trainer.recipes.settings import BATCHINGS, INBATCH_STRATEGIES, SETTINGS, SSL_NEGATIVES, WARMUPS
 
 if TYPE_CHECKING:  # torch is imported inside the commands, for a fast start of the others
@@ -94,6 +96,11 @@ def _run_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--batch-size", type=int)
     t.add_argument("--index", choices=INDEX_KINDS, help="the snapshot's FAISS index")
     t.add_argument("--store", help="snapshot store folder (default ./store)")
+    t.add_argument("--shard-index", nargs="?", const="on", choices=SHARD_INDEX,
+                   help="under torchrun: each rank embeds and indexes its block of the training items only and mining "
+                        "searches every rank's shard, so a rank holds about N / world_size embeddings; rank 0 streams "
+                        "one complete snapshot to the store. auto (default): from 1,000,000 items, with --index flat "
+                        "and a recipe that can (class-batches, mined-tuples, in-batch, random-tuples)")
     t.add_argument("--run-dir", help="run folder (default runs/<timestamp>)")
     t.add_argument("--seed", type=int)
     t.add_argument("--device", choices=DEVICES)

@@ -35,6 +35,8 @@ MINING_MODES = ("global", "in-batch", "random")
 MODES = ("supervised", "self-supervised")
 GLOBAL_BATCHES = ("tuples", "classes")
 SUSPECT_RECIPES = ("class-batches", "mined-tuples")  # the recipes that take exclude_suspects (hardneg.trainer.suspects)
+SHARD_INDEX = ("auto", "on", "off")
+SHARDABLE_RECIPES = ("class-batches", "mined-tuples", "in-batch", "random-tuples")
 
 
 @dataclass
@@ -78,6 +80,8 @@ class TrainConfig:
     exclude_suspects: float | None = None  # leave the top fraction of label-noise suspects out at each refresh
     refresh_on_drift: float | None = None  # refresh early when the probe's mean class-centroid shift (d²) passes it
     drift_probe: int = 1000  # training items embedded after each epoch to measure drift; a few ms on digits
+    # under torchrun: each rank indexes its block only (hardneg.trainer.sharded_index); auto: from 1M items
+    shard_index: str = "auto"
     # ---- the training recipe (hardneg.trainer.recipes) and its settings; class batches: the best MAP@R per
     # training second in bench/quality.py (docs/benchmarks.md, "Mining quality")
     recipe: RecipeSettings = field(default_factory=ClassBatchesSettings)
@@ -158,6 +162,7 @@ class TrainConfig:
         choice("index", self.index, INDEX_KINDS)
         choice("device", self.device, DEVICES)
         choice("image_mode", self.image_mode, IMAGE_MODES)
+        choice("shard_index", self.shard_index, SHARD_INDEX)
         for name in ("epochs", "batch_size", "embedding_dim", "hidden_dim", "refresh_every", "keep_snapshots",
                      "eval_batch_size", "image_size", "eval_every"):
             at_least(name, getattr(self, name), 1)
@@ -172,6 +177,7 @@ class TrainConfig:
         self._validate_schedule()
         self._validate_quality()
         self.recipe.validate(self.batch_size)
+        self._validate_shard_index()
 
     def _validate_numbers(self) -> None:
         for name in ("lr", "margin"):
@@ -182,6 +188,11 @@ class TrainConfig:
         for name in ("eval_class_fraction", "eval_sample_fraction"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ValidationError(f"{name} must lie strictly between 0 and 1, got {getattr(self, name)}")
+
+    def _validate_shard_index(self) -> None:
+        reason = unshardable(self) if self.shard_index == "on" else None
+        if reason:
+            raise ValidationError(f"shard_index 'on': {reason}")
 
     def _validate_schedule(self) -> None:
         if self.recipe.needs_snapshot and self.warmup_epochs >= self.epochs:
@@ -219,6 +230,23 @@ class TrainConfig:
         """True when retrieval is evaluated after ``epoch`` (0: the untrained model): every ``eval_every`` epochs,
         the first and the last."""
         return epoch % self.eval_every == 0 or epoch == self.epochs
+
+
+def unshardable(cfg: TrainConfig) -> str | None:
+    """Why ``cfg`` cannot refresh from a sharded index (``shard_index``), or None."""
+    if cfg.index != "flat":
+        return (f"index {cfg.index!r} is trained on all vectors in one process; a sharded index is flat (exact): "
+                f"use index flat, or shard_index off")
+    if cfg.recipe.name not in SHARDABLE_RECIPES:
+        return (f"recipe {cfg.recipe.name!r} mines the whole index in one process; recipes that shard: "
+                f"{', '.join(SHARDABLE_RECIPES)}")
+    if cfg.exclude_suspects is not None or getattr(getattr(cfg.recipe, "miner", None), "exclude_suspects",
+                                                   None) is not None:
+        return "exclude_suspects audits the whole index's labels in one process; leave it unset, or shard_index off"
+    if cfg.refresh_on_drift is not None:
+        return ("refresh_on_drift reads the whole published snapshot on every rank; leave it unset, or shard_index "
+                "off")
+    return None
 
 
 # ------------------------------------------------------------------ recipes

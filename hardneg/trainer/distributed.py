@@ -214,7 +214,26 @@ class DistContext:
         blob = np.frombuffer(json.dumps(value).encode(), np.uint8)
         return [json.loads(part.tobytes().decode()) for part in self.all_gather_arrays([blob])[0]]
 
-    def _collect(self, arrays: Sequence[np.ndarray], to_all: bool) -> list[list[np.ndarray]] | None:
+    def exchange_arrays(self, by_rank: Sequence[Sequence[np.ndarray]]) -> list[list[np.ndarray]]:
+        """All-to-all: ``by_rank[r]`` (the same number of arrays for every ``r``) goes to rank ``r``; returns, for
+        each array, the parts the ranks sent to this one, by rank. One gather per rank (gloo has no all-to-all)."""
+        got: list[list[np.ndarray]] | None = None
+        for dst in range(self.world_size):
+            parts = self._collect(by_rank[dst], to_all=False, dst=dst)
+            if dst == self.rank:
+                got = parts
+        assert got is not None
+        return got
+
+    def all_reduce_array(self, a: np.ndarray) -> np.ndarray:
+        """The element-wise sum of ``a`` (float64 or int64, any shape) over all ranks."""
+        if not self.enabled:
+            return a.copy()
+        t = torch.from_numpy(np.array(a, order="C")).to(self.comm_device)  # a copy: all_reduce works in place
+        dist.all_reduce(t)
+        return t.cpu().numpy()
+
+    def _collect(self, arrays: Sequence[np.ndarray], to_all: bool, dst: int = 0) -> list[list[np.ndarray]] | None:
         if not self.enabled:
             return [[a] for a in arrays]
         dev, k = self.comm_device, len(arrays)
@@ -231,8 +250,8 @@ class DistContext:
             parts = [torch.empty_like(local) for _ in range(self.world_size)]
             dist.all_gather(parts, local)
         else:
-            parts = [torch.empty_like(local) for _ in range(self.world_size)] if self.is_main else None
-            dist.gather(local, parts, dst=0)
+            parts = [torch.empty_like(local) for _ in range(self.world_size)] if self.rank == dst else None
+            dist.gather(local, parts, dst=dst)
             if parts is None:
                 return None
         by_rank = [_split_bytes(p.cpu().numpy()[:s], h) for p, s, h in zip(parts, sizes, heads)]

@@ -50,6 +50,7 @@ from hardneg.trainer.recipes import recipe_class
 from hardneg.trainer.recipes.base import SHUFFLE, Recipe, RecipeContext, Snapshot, TrainData
 from hardneg.trainer.refresh import SnapshotPublisher, publish_local, seed_for, training_thumbs
 from hardneg.trainer.runtime import keep_freed_memory, set_threads
+from hardneg.trainer.sharded_index import publish_shards, shard_index_enabled
 from hardneg.trainer.sharded_refresh import publish_sharded
 from hardneg.trainer.timing import PhaseTimer
 
@@ -289,12 +290,14 @@ class Trainer:
         meta = {"epoch": done, "step": self.state.step, "metrics": self.state.history[-1]["metrics"],
                 "reason": "final" if epoch is None else "refresh", "run_dir": str(self.run_dir)}
         publish = publish_sharded if self.dist.enabled else _publish_local
+        if shard_index_enabled(self.cfg, self.dist, len(self.splits.train.y)):
+            publish = publish_shards  # each rank indexes its block; rank 0 streams one snapshot to the store
         published = publish(self.model, self.x_train, self.splits.train.y, self.publisher, meta, self.dist)
         self.state.snapshot, self.state.snapshot_epoch = published.name, done
         if epoch is None:
             return published.name, None
         with self.timer.phase("mine"):
-            snapshot = Snapshot(published.name, published.index, published.embeddings, epoch)
+            snapshot = Snapshot(published.name, published.index, published.embeddings, epoch, published.shard)
             return published.name, self.recipe.refresh(self.model, snapshot)
 
     def _train_epoch(self, epoch: int) -> EpochStats:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 
 from hardneg.miner.errors import ValidationError
-from hardneg.miner.index import VectorIndex
+from hardneg.miner.index import IndexSpec, VectorIndex
 from hardneg.miner.mining.config import MiningConfig
 from hardneg.miner.model_io import export_model
 from hardneg.miner.store import MODEL_FILE, THUMBS_MAX_BYTES, SnapshotStore, to_thumbs
@@ -83,6 +85,7 @@ class Published:
     name: str
     index: VectorIndex
     embeddings: np.ndarray | None  # None on the ranks other than 0 of a distributed run
+    shard: Any = None  # a sharded index (hardneg.trainer.sharded_index.IndexShard): this rank's; index is its own
 
 
 def training_thumbs(x: np.ndarray, max_side: int = TRAIN_THUMB_SIDE) -> np.ndarray | None:
@@ -121,15 +124,28 @@ class SnapshotPublisher:
         with self.timer.phase("index"):
             index = VectorIndex.build(embeddings, labels, np.arange(len(labels)), metric="cosine",
                                       index=self.cfg.index, seed=self.cfg.seed)
+        with self._exported(model) as extra, self.timer.phase("publish"):
+            name = self.store.publish(index, meta={"config": self.cfg.to_dict(), **meta}, model=self.model_spec,
+                                      extra_files=extra, thumbs=self.thumbs)
+        return Published(name, index, embeddings)
+
+    def publish_written(self, model: nn.Module, folder: Path, dim: int, meta: Mapping[str, Any]) -> str:
+        """Publish the flat index, ids and labels written into ``folder`` (a staging folder of the store, e.g.
+        streamed from the shards of a sharded index) with ``model.pt2``; returns the snapshot's name."""
+        with self._exported(model) as extra, self.timer.phase("publish"):
+            return self.store.publish_prepared(folder, dim=dim, metric="cosine", spec=IndexSpec.resolve("flat", 0),
+                                               meta={"config": self.cfg.to_dict(), **meta}, model=self.model_spec,
+                                               extra_files=extra)
+
+    @contextmanager
+    def _exported(self, model: nn.Module) -> Iterator[dict[str, Path] | None]:
+        """``{"model.pt2": path}`` of the model exported into a staging folder (None when it cannot be exported)."""
         with self.store.staging("export") as tmp:  # removed in finally; swept by retention if the process dies
             path = tmp / MODEL_FILE
             with self.timer.phase("export"):
                 # On CPU: the api embeds on CPU, and export wants the example and weights on one device.
                 exported = export_model(copy.deepcopy(model).cpu(), self.model_spec["input_shape"], path)
-            with self.timer.phase("publish"):
-                name = self.store.publish(index, meta={"config": self.cfg.to_dict(), **meta}, model=self.model_spec,
-                                          extra_files={MODEL_FILE: path} if exported else None, thumbs=self.thumbs)
-        return Published(name, index, embeddings)
+            yield {MODEL_FILE: path} if exported else None
 
 
 def publish_local(model: nn.Module, x: torch.Tensor, labels: np.ndarray, publisher: SnapshotPublisher,

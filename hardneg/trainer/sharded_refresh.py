@@ -133,12 +133,18 @@ def merge_stats(index: VectorIndex, tuples: tp.TupleSet, stats: Sequence[dict[st
                 margin: float) -> dict[str, Any]:
     """One mining pass's statistics from the ranks' ``stats`` (``MiningStats.to_dict()`` each).
 
-    Counts are summed (``search_rounds``: the largest, as one pass runs as many rounds as its slowest anchor
-    needs; per-guard drops summed by guard); the non-zero-loss share and the distance summaries are recomputed
-    from ``tuples`` (the merged set) and ``index``'s stored vectors, as the miner computes them.
+    Counts are merged by :func:`merge_counters`; the non-zero-loss share and the distance summaries are
+    recomputed from ``tuples`` (the merged set) and ``index``'s stored vectors, as the miner computes them.
     """
-    from hardneg.miner.mining import MiningStats
+    out = merge_counters(stats)
+    out.update(summarised_distances(out, margin, *_tuple_distances(index, tuples)))
+    return out
 
+
+def merge_counters(stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The counters of several shares of one mining pass (``MiningStats.to_dict()`` each), merged: counts summed
+    (``search_rounds``: the largest, as one pass runs as many rounds as its slowest anchor needs; per-guard
+    drops summed by guard); the mining options and the distance fields are the first share's."""
     out: dict[str, Any] = {}
     for key, value in stats[0].items():
         values = [s[key] for s in stats]
@@ -151,12 +157,20 @@ def merge_stats(index: VectorIndex, tuples: tp.TupleSet, stats: Sequence[dict[st
         elif isinstance(value, dict) and all(isinstance(v, int) for v in value.values()):
             out[key] = {k: sum(v[k] for v in values) for k in value}
         else:
-            out[key] = value  # a field this merge does not know: rank 0's
-    summary = MiningStats(out["strategy"], out["metric"], margin, out["per_anchor"])
-    summary.summarise_distances(*_tuple_distances(index, tuples))
-    recomputed = summary.to_dict()
-    out.update({key: recomputed[key] for key in _RECOMPUTED})
+            out[key] = value  # a field this merge does not know: the first share's
     return out
+
+
+def summarised_distances(merged: Mapping[str, Any], margin: float, d2_pos: np.ndarray, d2_triplet_pos: np.ndarray,
+                         d2_neg: np.ndarray) -> dict[str, Any]:
+    """The non-zero-loss share and distance summaries of a merged pass (``MiningStats.summarise_distances``'s
+    arguments, over all tuples in one process's order)."""
+    from hardneg.miner.mining import MiningStats
+
+    summary = MiningStats(merged["strategy"], merged["metric"], margin, merged["per_anchor"])
+    summary.summarise_distances(d2_pos, d2_triplet_pos, d2_neg)
+    recomputed = summary.to_dict()
+    return {key: recomputed[key] for key in _RECOMPUTED}
 
 
 def _tuple_distances(index: VectorIndex, t: tp.TupleSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -62,8 +62,9 @@ class Run:
     names: list[str]  # the store's snapshots right after this command
 
 
-def train(cwd: Path, name: str, epochs: int, ranks: int, resume: bool = False) -> Run:
-    args = ["train", "--resume", name] if resume else ["train", *COMMON, "--run-dir", name, "--store", f"store_{name}"]
+def train(cwd: Path, name: str, epochs: int, ranks: int, resume: bool = False, extra: tuple[str, ...] = ()) -> Run:
+    args = ["train", "--resume", name] if resume else ["train", *COMMON, *extra, "--run-dir", name, "--store",
+                                                       f"store_{name}"]
     proc = run([*args, "--epochs", str(epochs)], cwd, ranks)
     mined = torch.load(cwd / name / "last.pt", weights_only=True)["recipe"]["tuples"]
     store = cwd / f"store_{name}"
@@ -140,6 +141,19 @@ def test_two_ranks_publish_and_mine_what_one_process_does(one: Run, two: Run) ->
         assert np.array_equal(two.mined[key], one.mined[key]), key
     # and the merged mining statistics are the single pass's
     assert two.history[1]["mining"] == one.history[1]["mining"]
+
+
+def test_a_sharded_index_publishes_and_mines_what_one_process_does(work: Path, one: Run) -> None:
+    """--shard-index: each rank indexes its half; rank 0 streams the snapshot; mining searches both shards."""
+    sharded = train(work, "sharded", epochs=2, ranks=2, extra=("--shard-index",))
+    first = [SnapshotStore(r.store).open(r.names[0]).index for r in (one, sharded)]
+    assert np.array_equal(first[1].ids, first[0].ids) and np.array_equal(first[1].labels, first[0].labels)
+    ids = np.arange(N_TRAIN)
+    np.testing.assert_allclose(first[1].vectors_of(ids), first[0].vectors_of(ids), atol=1e-6)
+    for key in ("first", "second", "third"):
+        assert np.array_equal(sharded.mined[key], one.mined[key]), key
+    assert sharded.history[1]["mining"] == one.history[1]["mining"]
+    assert [SnapshotStore(sharded.store).verify(n)["meta"]["reason"] for n in sharded.names] == ["refresh", "final"]
 
 
 def test_resume_under_torchrun_continues_the_same_run(resumed: Run, straight: Run) -> None:

@@ -130,29 +130,46 @@ def _mine_negatives(index: VectorIndex, vectors: np.ndarray, anchor_rows: np.nda
 def _assemble(index: VectorIndex, vectors: np.ndarray, anchor_rows: np.ndarray, positives: Positives,
               negatives: np.ndarray, stats: MiningStats) -> MiningResult:
     """Triplets and pairs as ids, grouped by anchor, negatives nearest first; fills the output statistics."""
-    m = len(anchor_rows)
     valid = negatives >= 0
-    per = valid.sum(1)
-    t_anchor = np.repeat(np.arange(m), per)
+    t_anchor = np.repeat(np.arange(len(anchor_rows)), valid.sum(1))
     t_neg = negatives[valid]
     diff = vectors[anchor_rows[t_anchor]].astype(np.float64) - vectors[t_neg]
-    d2_neg = np.einsum("ij,ij->i", diff, diff)
+    ids = index.ids
+    return assemble(ids[anchor_rows], np.where(positives.rows >= 0, ids[positives.rows], -1), positives.d2,
+                    t_anchor, ids[t_neg], np.einsum("ij,ij->i", diff, diff), stats)
+
+
+def assemble(anchors: np.ndarray, positives: np.ndarray, d2_pos: np.ndarray, t_anchor: np.ndarray,
+             t_neg: np.ndarray, d2_neg: np.ndarray, stats: MiningStats) -> MiningResult:
+    """Triplets and pairs from ``m`` anchors' positives and negatives (ids), with the output statistics.
+
+    Args:
+        anchors: (m,) anchor ids; positives: (m,) their positives' ids (``-1``: none); d2_pos: (m,) float64
+            ``d²(a, p)``.
+        t_anchor: (t,) each negative's anchor position, ascending; t_neg: (t,) negative ids; d2_neg: (t,)
+            float64 ``d²(a, n)``.
+        stats: filled with the output sizes and distance summaries.
+
+    Returns:
+        Triplets grouped by anchor in the order of ``anchors``, each anchor's negatives nearest first; per mined
+        anchor its positive pair (y=0), then its negative pairs (y=1) in triplet order.
+    """
+    m = len(anchors)
+    per = np.bincount(t_anchor, minlength=m)
     order = np.lexsort((d2_neg, t_anchor))
     t_anchor, t_neg, d2_neg = t_anchor[order], t_neg[order], d2_neg[order]
     mined = np.flatnonzero(per > 0)
-    # Pairs: per mined anchor its positive pair (y=0) first, then its negative pairs (y=1) in triplet order.
     p_anchor = np.concatenate([mined, t_anchor])
-    p_other = np.concatenate([positives.rows[mined], t_neg])
+    p_other = np.concatenate([positives[mined], t_neg])
     p_y = np.concatenate([np.zeros(len(mined), np.int64), np.ones(len(t_neg), np.int64)])
     p_order = np.lexsort((p_y, p_anchor))
-    ids = index.ids
     stats.anchors_mined = len(mined)
     stats.triplets = len(t_neg)
     stats.positive_pairs = len(mined)
     stats.negative_pairs = len(t_neg)
     stats.pairs = len(p_y)
-    stats.summarise_distances(positives.d2[mined], positives.d2[t_anchor], d2_neg)
+    stats.summarise_distances(d2_pos[mined], d2_pos[t_anchor], d2_neg)
     return MiningResult(
-        anchor=ids[anchor_rows[t_anchor]], positive=ids[positives.rows[t_anchor]], negative=ids[t_neg],
-        pair_i=ids[anchor_rows[p_anchor[p_order]]], pair_j=ids[p_other[p_order]], pair_y=p_y[p_order], stats=stats,
+        anchor=anchors[t_anchor], positive=positives[t_anchor], negative=t_neg,
+        pair_i=anchors[p_anchor[p_order]], pair_j=p_other[p_order], pair_y=p_y[p_order], stats=stats,
         anchor_pos=t_anchor)

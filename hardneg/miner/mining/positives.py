@@ -63,13 +63,13 @@ def hardest_positives(vectors: np.ndarray, labels: np.ndarray, anchor_rows: np.n
         step = max(1, _BLOCK_ENTRIES // (c_hi - c_lo))
         for s in range(0, len(group), step):
             idx = group[s:s + step]
-            d2 = _block_d2(vectors[anchor_rows[idx]], x, distance)
+            d2 = block_d2(vectors[anchor_rows[idx]], x, distance)
             d2[np.arange(len(idx)), anchor_rows[idx] - c_lo] = -np.inf  # never the anchor itself
             out[idx] = c_lo + np.argmax(d2, axis=1)
     return out
 
 
-def _block_d2(q: np.ndarray, x: np.ndarray, distance: Distance) -> np.ndarray:
+def block_d2(q: np.ndarray, x: np.ndarray, distance: Distance) -> np.ndarray:
     """Squared distances (m, c) float32 between prepared ``q`` (m, d) and ``x`` (c, d), by one matrix product."""
     dots = q @ x.T
     if distance.higher_is_closer:

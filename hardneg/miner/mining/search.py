@@ -20,7 +20,7 @@ so it is slower than exact mining: HNSW snapshots are for serving, not for minin
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import faiss
 import numpy as np
@@ -78,24 +78,52 @@ def exact_wrong_label_knn(vectors: np.ndarray, labels: np.ndarray, anchor_rows: 
     Returns:
         ``rows`` (m, k) int64 and ``d2`` (m, k) float32, nearest first, ``-1`` / ``inf``-padded.
     """
-    n, m = len(labels), len(anchor_rows)
+    order = np.argsort(anchor_rows, kind="stable")  # rows sorted by label: the anchors come out sorted by label
+    return _class_block_knn(lambda sel: vectors[anchor_rows[sel]], labels[anchor_rows], order, vectors, labels, k,
+                            distance)
+
+
+def wrong_label_knn_of_queries(queries: np.ndarray, query_labels: np.ndarray, vectors: np.ndarray,
+                               labels: np.ndarray, k: int, distance: Distance) -> tuple[np.ndarray, np.ndarray]:
+    """Exact wrong-label kNN of outside queries by class blocks: :func:`exact_wrong_label_knn` for vectors that
+    are not rows (e.g. another rank's anchors searched against this rank's shard of a sharded index).
+
+    Args:
+        queries: (m, d) float32 prepared query vectors.
+        query_labels: (m,) their labels (classes the rows lack are allowed).
+        vectors: (n, d) float32 prepared vectors, rows sorted by label.
+        labels: (n,) labels, ascending.
+        k: neighbours per query.
+        distance: the metric.
+
+    Returns:
+        ``rows`` (m, k) int64 and ``d2`` (m, k) float32, nearest first, ``-1`` / ``inf``-padded.
+    """
+    order = np.argsort(query_labels, kind="stable")
+    return _class_block_knn(lambda sel: queries[sel], query_labels, order, vectors, labels, k, distance)
+
+
+def _class_block_knn(query_of: Callable[[np.ndarray], np.ndarray], query_labels: np.ndarray, order: np.ndarray,
+                     vectors: np.ndarray, labels: np.ndarray, k: int,
+                     distance: Distance) -> tuple[np.ndarray, np.ndarray]:
+    """Wrong-label top-k of the queries ``query_of(positions)``, taken in ``order`` (which sorts ``query_labels``)."""
+    n, m = len(labels), len(query_labels)
     out_rows = np.full((m, k), -1, np.int64)
     out_d2 = np.full((m, k), np.inf, np.float32)
-    order = np.argsort(anchor_rows, kind="stable")
-    sorted_rows = anchor_rows[order]
-    for a, b, lo, hi in _blocks(labels, sorted_rows):
-        q = vectors[sorted_rows[a:b]]
+    sorted_labels = query_labels[order]
+    for a, b, lo, hi in _blocks(labels, sorted_labels):
+        q = query_of(order[a:b])
         parts = [_range_knn(q, vectors, s, e, k, distance) for s, e in ((0, lo), (hi, n)) if e > s]
-        qlab = labels[sorted_rows[a:b]]
-        if qlab[0] != qlab[-1]:  # several classes: the block's own range holds wrong-label rows too
+        qlab = sorted_labels[a:b]
+        if qlab[0] != qlab[-1] and hi > lo:  # several classes: the block's own range holds wrong-label rows too
             parts.append(_masked_knn(q, qlab, vectors, labels, lo, hi, k, distance))
         if parts:
             out_rows[order[a:b]], out_d2[order[a:b]] = merge_topk(parts, k)
     return out_rows, out_d2
 
 
-def _blocks(labels: np.ndarray, sorted_rows: np.ndarray) -> Iterator[tuple[int, int, int, int]]:
-    """Split anchors (sorted by row) into blocks ``(a, b, lo, hi)``: anchors ``a:b``, whose classes span rows ``[lo, hi)``.
+def _blocks(labels: np.ndarray, sorted_labels: np.ndarray) -> Iterator[tuple[int, int, int, int]]:
+    """Split anchors (whose labels ``sorted_labels`` ascend) into blocks ``(a, b, lo, hi)``: anchors ``a:b``, whose classes span rows ``[lo, hi)``.
 
     A block gathers whole consecutive classes while it holds at most ``QUERY_BLOCK`` anchors and spans at
     most ``max(n / 8, QUERY_BLOCK)`` rows (the masked in-block product grows with the span, while small
@@ -103,7 +131,7 @@ def _blocks(labels: np.ndarray, sorted_rows: np.ndarray) -> Iterator[tuple[int, 
     ``QUERY_BLOCK`` is split into blocks of its own.
     """
     n = len(labels)
-    classes, starts, counts = np.unique(labels[sorted_rows], return_index=True, return_counts=True)
+    classes, starts, counts = np.unique(sorted_labels, return_index=True, return_counts=True)
     c_lo = np.searchsorted(labels, classes, "left")
     c_hi = np.searchsorted(labels, classes, "right")
     max_span = max(n // 8, QUERY_BLOCK)

@@ -47,13 +47,16 @@ class Snapshot:
     """A snapshot the loop has just published, for the epochs from ``epoch`` on.
 
     ``index`` is its index (on every rank); ``embeddings`` (n, d) the training items' embeddings as the model
-    gave them, row ``i`` = item ``i`` (in one process and on rank 0; None on the other ranks).
+    gave them, row ``i`` = item ``i`` (in one process and on rank 0; None on the other ranks). With a sharded
+    index (``--shard-index``), ``shard`` is this rank's :class:`~hardneg.trainer.sharded_index.IndexShard`,
+    ``index`` holds this rank's items only and ``embeddings`` is None: a recipe mines through the shard.
     """
 
     name: str
     index: VectorIndex
     embeddings: np.ndarray | None
     epoch: int
+    shard: Any = None
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from hardneg.trainer.batching import (
-    ConfusableClassBatches, check_class_batches, composition_stats, confusable_classes,
+    ConfusableClassBatches, centroid_stats, check_class_batches, class_neighbours, composition_stats,
+    confusable_classes,
 )
 from hardneg.trainer.inbatch import TripletMiner
 from hardneg.trainer.recipes.base import Epoch, ItemBatches, RecipeContext, Snapshot
@@ -44,6 +45,10 @@ class ClassBatches(SnapshotRecipe):
     def refresh(self, model: nn.Module, snapshot: Snapshot) -> dict[str, Any]:
         from hardneg.miner.mining.miner import stored_vectors
 
+        if snapshot.shard is not None:  # a sharded index: centroids from the ranks' per-class sums
+            classes, centroids = snapshot.shard.class_centroids()
+            self.neighbours = class_neighbours(classes, centroids, self.ctx.cfg.batch_size // self.settings.per_class)
+            return centroid_stats(classes, centroids, self.neighbours)
         index, fraction = snapshot.index, self.ctx.cfg.exclude_suspects
         vectors, labels = stored_vectors(index), index.labels
         if fraction is not None:

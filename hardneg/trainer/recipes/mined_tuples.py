@@ -21,6 +21,7 @@ from hardneg.trainer.recipes.base import Epoch, RecipeContext, Snapshot, TupleBa
 from hardneg.trainer.recipes.settings import MinedTuplesSettings
 from hardneg.trainer.recipes.warmup import SnapshotRecipe, random_tuples
 from hardneg.trainer.refresh import mine_tuples
+from hardneg.trainer.sharded_index import mine_shards
 from hardneg.trainer.sharded_refresh import mine_sharded
 from hardneg.trainer.suspects import without_suspects
 
@@ -47,7 +48,9 @@ class MinedTuples(SnapshotRecipe):
         if ctx.cfg.exclude_suspects is not None:
             view = without_suspects(index, ctx.cfg.exclude_suspects, ctx.dist, ctx.cfg.seed)
             index, excluded = view.index, len(view.excluded)
-        if ctx.dist.enabled:
+        if snapshot.shard is not None:  # a sharded index: every rank mines its block against every shard
+            self.tuples, stats = mine_shards(snapshot.shard, ctx.cfg, snapshot.epoch)
+        elif ctx.dist.enabled:
             self.tuples, stats = mine_sharded(index, ctx.cfg, snapshot.epoch, ctx.dist)
         else:
             self.tuples, stats = mine_tuples(index, ctx.cfg, snapshot.epoch)
