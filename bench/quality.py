@@ -65,13 +65,35 @@ log = logging.getLogger("bench.quality")
 # ---------------------------------------------------------------------------------------------------- data
 @dataclass(frozen=True)
 class TaskSizes:
-    """How many composed pairs each side gets (per class)."""
+    """A composed-digits task: ``digits`` digit images side by side (label: the number they write, so
+    ``10 ** digits`` classes) and how many composed items each side gets per class."""
 
     train_per_class_samples: int = 30  # heldout-samples: 100 classes x 30 = 3000 training items
     eval_per_class_samples: int = 10  # 100 x 10 = 1000 evaluation items, R = 9 per query
     train_per_class_classes: int = 60  # heldout-classes: 50 classes x 60 = 3000 training items
     eval_per_class_classes: int = 20  # 50 x 20 = 1000 evaluation items, R = 19
     eval_image_fraction: float = 1 / 3  # share of the 1797 digit images kept for the evaluation side
+    digits: int = 2  # digit images side by side: 8 x 8·digits images, 10 ** digits classes
+
+    @property
+    def classes(self) -> int:
+        return 10 ** self.digits
+
+
+# The tasks: ``pairs`` (100 classes, many items each) and the many-class ones, with few items per class as in
+# product and identity datasets (Stanford Online Products: 11,318 training classes of ~5 images). Held-out
+# classes train on half of the classes (500 and 5,000) and evaluate on the other half.
+TASKS: dict[str, TaskSizes] = {
+    "pairs": TaskSizes(),
+    # 1000 classes: heldout-samples 6,000 training items (6 a class), 3,000 evaluation items (R = 2);
+    # heldout-classes 500 classes x 8 = 4,000 training items, 500 x 4 = 2,000 evaluation items (R = 3)
+    "triples": TaskSizes(train_per_class_samples=6, eval_per_class_samples=3, train_per_class_classes=8,
+                         eval_per_class_classes=4, digits=3),
+    # 10,000 classes: heldout-samples 40,000 training items (4 a class), 20,000 evaluation items (R = 1);
+    # heldout-classes 5,000 classes x 6 = 30,000 training items, 5,000 x 3 = 15,000 evaluation items (R = 2)
+    "quads": TaskSizes(train_per_class_samples=4, eval_per_class_samples=2, train_per_class_classes=6,
+                       eval_per_class_classes=3, digits=4),
+}
 
 
 def split_digit_images(eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -86,29 +108,38 @@ def split_digit_images(eval_fraction: float, seed: int) -> tuple[np.ndarray, np.
     return images, digits.target.astype(np.int64), np.sort(train), np.sort(evaluate)
 
 
-def compose_pairs(images: np.ndarray, digit: np.ndarray, pool: np.ndarray, classes: Sequence[int], per_class: int,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """``per_class`` distinct (left, right) image pairs from ``pool`` for each class ``10·a + b``.
+def compose_digits(images: np.ndarray, digit: np.ndarray, pool: np.ndarray, classes: Sequence[int], per_class: int,
+                   digits: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``per_class`` distinct compositions of ``digits`` images from ``pool`` side by side for each class, the class
+    being the number they write (class 305 of 3 digits: a 3, a 0 and a 5, left to right).
 
-    Returns x (len(classes)·per_class, 1, 8, 16) float32 and y (same,) int64.
+    Returns x (len(classes)·per_class, 1, 8, 8·digits) float32 and y (same,) int64.
     """
-    by_digit = {d: pool[digit[pool] == d] for d in range(10)}
-    xs, ys = [], []
-    for c in classes:
-        left, right = by_digit[c // 10], by_digit[c % 10]
-        pick = rng.choice(len(left) * len(right), size=per_class, replace=False)  # distinct pairs
-        li, ri = np.divmod(pick, len(right))
-        xs.append(np.concatenate([images[left[li]], images[right[ri]]], axis=2))
-        ys.append(np.full(per_class, c, np.int64))
-    return np.concatenate(xs)[:, None], np.concatenate(ys)
+    by_digit = [pool[digit[pool] == d] for d in range(10)]
+    n = len(classes) * per_class
+    x = np.empty((n, 1, 8, 8 * digits), np.float32)
+    for row, c in enumerate(classes):
+        parts = [by_digit[(c // 10 ** (digits - 1 - k)) % 10] for k in range(digits)]  # leftmost digit first
+        pick = rng.choice(math.prod(len(p) for p in parts), size=per_class, replace=False)  # distinct compositions
+        chosen = np.unravel_index(pick, [len(p) for p in parts])
+        rows = slice(row * per_class, (row + 1) * per_class)
+        for k, (part, ik) in enumerate(zip(parts, chosen)):
+            x[rows, 0, :, 8 * k:8 * (k + 1)] = images[part[ik]]
+    return x, np.repeat(np.asarray(classes, np.int64), per_class)
 
 
-def make_pair_digits(out: Path, sizes: TaskSizes, seed: int = 0) -> dict[str, tuple[Path, Path]]:
-    """Write the train/eval ``.npz`` files of both protocols under ``out``; returns protocol -> (train, eval)."""
+def make_digit_task(out: Path, sizes: TaskSizes, seed: int = 0) -> dict[str, tuple[Path, Path]]:
+    """Write the train/eval ``.npz`` files of both protocols under ``out``; returns protocol -> (train, eval).
+
+    The digit images are split first (stratified, seeded) into a training side and an evaluation side, and
+    every composition is drawn on one side, so no evaluation image was ever trained on. ``heldout-classes``
+    trains on half of the classes (drawn once, seeded) and evaluates on the other half; ``heldout-samples``
+    trains and evaluates on every class, with disjoint images.
+    """
     images, digit, train_pool, eval_pool = split_digit_images(sizes.eval_image_fraction, seed)
     rng = np.random.default_rng(seed)
-    all_classes = np.arange(100)
-    train_classes = np.sort(rng.permutation(100)[:50])
+    all_classes = np.arange(sizes.classes)
+    train_classes = np.sort(rng.permutation(sizes.classes)[:sizes.classes // 2])
     eval_classes = np.setdiff1d(all_classes, train_classes)
     plan = {
         "heldout-classes": ((train_classes, sizes.train_per_class_classes),
@@ -122,7 +153,7 @@ def make_pair_digits(out: Path, sizes: TaskSizes, seed: int = 0) -> dict[str, tu
         paths = (out / f"{protocol}-train.npz", out / f"{protocol}-eval.npz")
         for path, pool, classes, n in ((paths[0], train_pool, tr_classes, tr_n),
                                        (paths[1], eval_pool, ev_classes, ev_n)):
-            x, y = compose_pairs(images, digit, pool, classes, n, rng)
+            x, y = compose_digits(images, digit, pool, classes, n, sizes.digits, rng)
             np.savez(path, x=x, y=y)
         files[protocol] = paths
     return files
@@ -532,7 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="hardneg-quality-") as tmp:
-        files = make_pair_digits(Path(tmp) / "data", bench.sizes)
+        files = make_digit_task(Path(tmp) / "data", bench.sizes)
         specs = make_specs(bench, selected, files, Path(tmp), args.clock)
         log.info("%d runs (%d methods x %d protocols x %d seeds) in %d workers", len(specs), len(selected),
                  len(files), bench.seeds, args.workers)

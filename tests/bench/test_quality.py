@@ -1,0 +1,63 @@
+"""bench/quality.py: the composed-digit tasks (against the digit images they are made of)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))  # quality.py imports bench/pool.py as a sibling
+_spec = importlib.util.spec_from_file_location("quality", ROOT / "bench" / "quality.py")
+qb = importlib.util.module_from_spec(_spec)
+sys.modules["quality"] = qb
+_spec.loader.exec_module(qb)
+
+SMALL = qb.TaskSizes(train_per_class_samples=3, eval_per_class_samples=2, train_per_class_classes=4,
+                     eval_per_class_classes=2, digits=3)
+
+
+def _sources(x: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """(n, digits) index of the digit image each 8 x 8 block of ``x`` (n, 1, 8, 8·digits) equals (-1: none)."""
+    where = {im.tobytes(): i for i, im in enumerate(images)}
+    assert len(where) == len(images)  # no two digit images are equal, so a block names its source
+    blocks = x[:, 0].reshape(len(x), 8, -1, 8).transpose(0, 2, 1, 3)  # (n, digits, 8, 8)
+    return np.array([[where.get(np.ascontiguousarray(b).tobytes(), -1) for b in row] for row in blocks])
+
+
+def test_composed_items_write_their_class_from_their_own_side(tmp_path: Path) -> None:
+    files = qb.make_digit_task(tmp_path, SMALL, seed=3)
+    images, digit, train_pool, eval_pool = qb.split_digit_images(SMALL.eval_image_fraction, 3)
+    assert not set(train_pool) & set(eval_pool)
+    expected = {"heldout-classes": ((500, 4), (500, 2)), "heldout-samples": ((1000, 3), (1000, 2))}
+    seen_classes = {}
+    for protocol, paths in files.items():
+        for side, (path, pool) in enumerate(zip(paths, (train_pool, eval_pool))):
+            data = np.load(path)
+            x, y = data["x"], data["y"]
+            classes, counts = np.unique(y, return_counts=True)
+            assert (len(classes), counts.min(), counts.max()) == (expected[protocol][side][0],
+                                                                  *[expected[protocol][side][1]] * 2)
+            src = _sources(x, images)
+            assert (src >= 0).all() and np.isin(src, pool).all()  # every block an image of this side
+            written = digit[src] @ np.array([100, 10, 1])
+            np.testing.assert_array_equal(written, y)  # the blocks write the label, leftmost digit first
+            for c in classes:  # compositions within a class are distinct
+                rows = src[y == c]
+                assert len(np.unique(rows, axis=0)) == len(rows)
+            seen_classes[protocol, side] = set(classes.tolist())
+    # held-out classes: disjoint halves of all 1000; held-out samples: every class on both sides
+    assert not seen_classes["heldout-classes", 0] & seen_classes["heldout-classes", 1]
+    assert seen_classes["heldout-classes", 0] | seen_classes["heldout-classes", 1] == set(range(1000))
+    assert seen_classes["heldout-samples", 0] == seen_classes["heldout-samples", 1] == set(range(1000))
+
+
+def test_the_task_is_seeded(tmp_path: Path) -> None:
+    a = qb.make_digit_task(tmp_path / "a", SMALL, seed=1)
+    b = qb.make_digit_task(tmp_path / "b", SMALL, seed=1)
+    c = qb.make_digit_task(tmp_path / "c", SMALL, seed=2)
+    path = "heldout-classes"
+    assert np.array_equal(np.load(a[path][0])["x"], np.load(b[path][0])["x"])
+    assert not np.array_equal(np.load(a[path][0])["y"], np.load(c[path][0])["y"])
