@@ -34,6 +34,8 @@ results go to ``bench/results/quality.{json,md,png}``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import logging
 import math
@@ -41,18 +43,18 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pool import run_in_pool  # bench/pool.py: sys.path[0] is bench/ when run as a script
+from pml_baselines import CrossBatchMemoryRecipe, PMLMiner  # bench/: sys.path[0] when run as a script
+from pool import run_in_pool
 import torch
 
 from hardneg.trainer import loop
 from hardneg.trainer.config import TrainConfig
-from hardneg.trainer.inbatch import InBatchMiner, Triplets
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = (("map_at_r", "MAP@R"), ("r_precision", "R-Prec"), ("precision_at_1", "P@1"))
@@ -89,9 +91,9 @@ TASKS: dict[str, TaskSizes] = {
     # heldout-classes 500 classes x 8 = 4,000 training items, 500 x 4 = 2,000 evaluation items (R = 3)
     "triples": TaskSizes(train_per_class_samples=6, eval_per_class_samples=3, train_per_class_classes=8,
                          eval_per_class_classes=4, digits=3),
-    # 10,000 classes: heldout-samples 40,000 training items (4 a class), 20,000 evaluation items (R = 1);
+    # 10,000 classes: heldout-samples 40,000 training items (4 a class), 30,000 evaluation items (R = 2);
     # heldout-classes 5,000 classes x 6 = 30,000 training items, 5,000 x 3 = 15,000 evaluation items (R = 2)
-    "quads": TaskSizes(train_per_class_samples=4, eval_per_class_samples=2, train_per_class_classes=6,
+    "quads": TaskSizes(train_per_class_samples=4, eval_per_class_samples=3, train_per_class_classes=6,
                        eval_per_class_classes=3, digits=4),
 }
 
@@ -168,7 +170,8 @@ class Method:
     refresh time counts on its clock (global mining trains on what the refresh mines); ``item_batches``
     says whether an epoch embeds each item once (in-batch mining over item batches: it runs the longer
     epoch count) rather than three times (triplets); ``pml`` names a pytorch-metric-learning miner that
-    replaces the in-batch miner; ``group`` orders the table and styles the plot.
+    replaces the in-batch miner; ``xbm`` trains with PML's cross-batch memory with these options
+    (bench/pml_baselines.py); ``group`` orders the table and styles the plot.
     """
 
     name: str
@@ -178,6 +181,7 @@ class Method:
     item_batches: bool = False
     pml: str | None = None
     note: str = ""
+    xbm: dict[str, Any] | None = None  # CrossBatchMemoryRecipe's options: PML miner, memory_size, start_epoch
 
 
 def _global(name: str, note: str, **changes: Any) -> Method:
@@ -192,6 +196,18 @@ def _inbatch(name: str, strategy: str, batching: str = "pk", pml: str | None = N
                   note)
 
 
+XBM_MINERS = {"semihard": "TripletMarginMiner(semihard)", "batch-hard": "BatchHardMiner",
+              "multi-similarity": "MultiSimilarityMiner"}
+
+
+def _xbm(miner: str, memory: int, start: int = 1) -> Method:
+    name = f"pml XBM {memory} {XBM_MINERS[miner]}" + (f" from epoch {start + 1}" if start != 1 else "")
+    return Method(name, {"mining": "in-batch", "batching": "pk"}, False, "external", True,
+                  note=f"PML CrossBatchMemory, {memory} embeddings, {XBM_MINERS[miner]} inside, P x K, "
+                       f"memory from epoch {start + 1}",
+                  xbm={"miner": miner, "memory_size": memory, "start_epoch": start})
+
+
 METHODS: dict[str, Method] = {m.name: m for m in (
     # the trainer's defaults for --mining global (see docs/benchmarks.md, "Mining quality")
     _global("global", "hardneg's default for --mining global: batches of confusable classes, semi-hard inside"),
@@ -202,6 +218,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("random", {"mining": "random"}, False, "random", note="random triplets"),
     _inbatch("pml TripletMarginMiner(semihard)", "semihard", pml="semihard", note="pytorch-metric-learning, P x K"),
     _inbatch("pml BatchHardMiner", "batch-hard", pml="batch-hard", note="pytorch-metric-learning, P x K"),
+    # the cross-batch memory (XBM): PML's TripletMarginMiner(semihard) keeps a (B, M, M) mask, so up to 2048
+    *(_xbm(miner, m, start) for miner in ("multi-similarity", "batch-hard") for m in (1024, 4096, 8192)
+      for start in (1, 4)),
+    *(_xbm("semihard", m, start) for m in (1024, 2048) for start in (1, 4)),
     # the levers, one change at a time from the default ...
     _global("global batch-hard inside", "in-batch batch-hard inside the class batches",
             inbatch_strategy="batch-hard"),
@@ -209,6 +229,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     _global("global warmup 3", "3 warm-up epochs", warmup_epochs=3),
     _global("global refresh 1", "a snapshot every epoch", refresh_every=1),
     _global("global refresh 8", "a snapshot every 8 epochs", refresh_every=8),
+    _global("global refresh 2", "a snapshot every 2 epochs", refresh_every=2),
+    _global("global seed-hardness 1", "seed classes drawn ∝ 1 / (mean d² to their batch's classes)",
+            seed_hardness=1.0),
+    _global("global seed-hardness 2", "seed classes drawn ∝ (mean d² to their batch's classes)^-2",
+            seed_hardness=2.0),
     # ... and on the mined-tuple path (global_batches "tuples"), where the triplet miner's options act
     _global("global tuples", "mined semi-hard triplets", global_batches="tuples"),
     _global("global tuples mix 0.5", "mined triplets + 0.5 x in-batch semi-hard over their items",
@@ -239,6 +264,9 @@ class RunSpec:
     eval: str
     workdir: str
     clock: str = "cpu"  # which clock is the run's `seconds`: cpu or wall (see run_one)
+    eval_every: int = 1
+    eval_sample: int | None = None
+    task: str = "pairs"
 
 
 @dataclass
@@ -261,27 +289,6 @@ class RunRecord:
     refresh_seconds: float = 0.0
 
 
-class PMLMiner(InBatchMiner):
-    """A pytorch-metric-learning miner behind hardneg's in-batch miner interface (squared Euclidean distance).
-
-    ``semihard``: ``TripletMarginMiner(type_of_triplets="semihard")``, every (a, p, n) of the batch with
-    ``0 < d²(a,n) - d²(a,p) <= margin``; ``batch-hard``: ``BatchHardMiner``, the farthest positive and nearest
-    negative of each anchor.
-    """
-
-    def __init__(self, kind: str, margin: float) -> None:
-        from pytorch_metric_learning import distances, miners
-
-        d2 = distances.LpDistance(power=2)  # d², as hardneg's margins are; embeddings are unit vectors already
-        self.miner = (miners.TripletMarginMiner(margin=margin, type_of_triplets="semihard", distance=d2)
-                      if kind == "semihard" else miners.BatchHardMiner(distance=d2))
-
-    def __call__(self, embeddings: torch.Tensor, labels: torch.Tensor) -> Triplets:
-        """Triplets (anchor, positive, negative) of batch positions among ``embeddings`` (B, D), ``labels`` (B,)."""
-        a, p, n = self.miner(embeddings.detach(), labels)
-        return a, p, n
-
-
 def pml_available() -> bool:
     try:
         import pytorch_metric_learning  # noqa: F401
@@ -302,13 +309,16 @@ def run_one(spec: RunSpec) -> RunRecord:
     cfg = TrainConfig.from_dict({
         "data": f"npz:{spec.train}", "eval_data": f"npz:{spec.eval}", "epochs": spec.epochs, "seed": spec.seed,
         "store": str(Path(spec.workdir) / "stores" / tag), "run_dir": str(Path(spec.workdir) / "runs" / tag),
-        "keep_snapshots": 1,
+        "keep_snapshots": 1, "eval_every": spec.eval_every, "eval_sample": spec.eval_sample,
         # in-batch and random runs publish only for serving: rarely, as their clock does not include it
         **({} if method.charge_refresh else {"refresh_every": spec.epochs, "warmup_epochs": 0}),
         **method.changes,
     })
-    # pytorch-metric-learning's miner is handed to the in-batch recipe as its miner
-    parts = loop.Parts(miner=PMLMiner(method.pml, cfg.margin)) if method.pml is not None else loop.Parts()
+    parts = loop.Parts()
+    if method.pml is not None:  # pytorch-metric-learning's miner is handed to the in-batch recipe as its miner
+        parts = loop.Parts(miner=PMLMiner(method.pml, cfg.margin))
+    elif method.xbm is not None:  # the cross-batch memory is a recipe of its own
+        parts = loop.Parts(recipe=functools.partial(CrossBatchMemoryRecipe, **method.xbm))
     trainer = loop.Trainer.create(cfg, parts=parts)
     trainer.run()
     rec = RunRecord(method.name, method.group, spec.protocol, spec.seed)
@@ -321,6 +331,8 @@ def run_one(spec: RunSpec) -> RunRecord:
             wall += t["train_s"] + charged * t["refresh_s"]
             cpu += t["train_cpu_s"] + charged * t["refresh_cpu_s"]
             rec.refresh_seconds += charged * t["refresh" + suffix]
+        if not r["metrics"]:
+            continue  # not evaluated (eval_every): its time counts towards the next evaluated epoch
         rec.epochs.append(r["epoch"])
         rec.wall_seconds.append(round(wall, 4))
         rec.cpu_seconds.append(round(cpu, 4))
@@ -330,11 +342,17 @@ def run_one(spec: RunSpec) -> RunRecord:
     return rec
 
 
-def run_all(specs: Sequence[RunSpec], workers: int) -> list[RunRecord]:
-    """Run ``specs`` in ``workers`` processes (in order of submission), logging progress."""
-    return run_in_pool(run_one, specs, workers, lambda spec, rec: (
-        f"{spec.protocol:<16} {spec.method.name:<36} seed {spec.seed}: MAP@R {rec.metrics['map_at_r'][-1]:.3f} "
-        f"after {rec.epochs[-1]} epochs ({rec.seconds[-1]:.1f} s)"))
+def run_all(specs: Sequence[RunSpec], workers: int,
+            keep: Callable[[RunSpec, RunRecord], None] | None = None) -> list[RunRecord]:
+    """Run ``specs`` in ``workers`` processes (in order of submission), logging progress; ``keep(spec, record)``
+    is called as each run finishes."""
+    def describe(spec: RunSpec, rec: RunRecord) -> str:
+        if keep is not None:
+            keep(spec, rec)
+        return (f"{spec.task} {spec.protocol:<16} {spec.method.name:<36} seed {spec.seed}: MAP@R "
+                f"{rec.metrics['map_at_r'][-1]:.3f} after {rec.epochs[-1]} epochs ({rec.seconds[-1]:.1f} s)")
+
+    return run_in_pool(run_one, specs, workers, describe)
 
 
 # ------------------------------------------------------------------------------------------------ summary
@@ -370,8 +388,11 @@ def at_time(rec: RunRecord, key: str, seconds: float) -> float:
 def summarise(records: Sequence[RunRecord], compare_epoch: int) -> dict[str, Any]:
     """Per protocol: the time budgets, and per method its cells at ``compare_epoch`` and at each budget."""
     out: dict[str, Any] = {}
+    requested = compare_epoch
     for protocol in sorted({r.protocol for r in records}):
         recs = [r for r in records if r.protocol == protocol]
+        # the latest epoch at or before the requested one that every run evaluated (eval_every)
+        compare_epoch = max(set.intersection(*[{e for e in r.epochs if e <= requested} for r in recs]))
         methods = list(dict.fromkeys(r.method for r in recs))
         totals = {m: float(np.mean([r.seconds[-1] for r in recs if r.method == m])) for m in methods}
         shortest = min(min(r.seconds[-1] for r in recs if r.method == m) for m in methods)
@@ -508,47 +529,91 @@ class BenchConfig:
     epochs: int = 12  # runs whose epochs embed every item three times (triplets): ~1.3 s an epoch here
     inbatch_epochs: int = 24  # runs over item batches (~0.4-0.5 s an epoch): about the same clock in all
     sizes: TaskSizes = TaskSizes()
+    eval_every: int = 1  # evaluate every N epochs (and the last); the metric is interpolated in between
+    eval_sample: int | None = None  # evaluate this many seeded queries against every evaluation item; None: all
+    protocols: tuple[str, ...] = PROTOCOLS
 
 
 QUICK = BenchConfig(seeds=2, epochs=5, inbatch_epochs=8,
                     sizes=TaskSizes(train_per_class_samples=8, eval_per_class_samples=4,
                                     train_per_class_classes=16, eval_per_class_classes=8))
+# Per task, the full configuration. The many-class tasks' epochs are long (6,000 and 40,000 items), so they run
+# fewer epochs, and the 10,000-class task evaluates every other epoch on 4,000 sampled queries.
+BENCHES: dict[str, BenchConfig] = {
+    "pairs": BenchConfig(),
+    "triples": BenchConfig(epochs=6, inbatch_epochs=12, sizes=TASKS["triples"]),
+    "quads": BenchConfig(epochs=3, inbatch_epochs=6, sizes=TASKS["quads"], eval_every=2, eval_sample=4000,
+                         protocols=("heldout-samples",)),
+}
 
 
 def make_specs(bench: BenchConfig, methods: Sequence[Method], files: dict[str, tuple[Path, Path]],
-               workdir: Path, clock: str = "cpu") -> list[RunSpec]:
+               workdir: Path, clock: str = "cpu", task: str = "pairs") -> list[RunSpec]:
     """Every (method, protocol, seed) run, seed by seed, so that a cut-short run still has whole seeds."""
     specs = []
     for seed in range(bench.seeds):
         for protocol, (train, evaluate) in files.items():
+            if protocol not in bench.protocols:
+                continue
             for m in methods:
                 epochs = bench.inbatch_epochs if m.item_batches else bench.epochs
-                specs.append(RunSpec(m, protocol, seed, epochs, str(train), str(evaluate), str(workdir), clock))
+                specs.append(RunSpec(m, protocol, seed, epochs, str(train), str(evaluate), str(workdir), clock,
+                                     bench.eval_every, bench.eval_sample, task))
     return specs
+
+
+def run_key(task: str, method: str, protocol: str, seed: int, epochs: int) -> str:
+    """What identifies a run in the partial-results file."""
+    return f"{task}|{method}|{protocol}|{seed}|{epochs}"
+
+
+def load_partial(path: Path) -> dict[str, RunRecord]:
+    """Runs already recorded in ``path`` (one JSON object a line: the run's key and its record)."""
+    done: dict[str, RunRecord] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                done[row["key"]] = RunRecord(**row["record"])
+    return done
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a small smoke configuration (about a minute)")
+    p.add_argument("--task", choices=tuple(TASKS), default="pairs",
+                   help="pairs: 100 classes (default); triples: 1000 classes; quads: 10,000 classes")
+    p.add_argument("--protocols", help=f"comma-separated subset of: {', '.join(PROTOCOLS)} (default: the task's)")
     p.add_argument("--seeds", type=int, help="seeds per configuration (default 3)")
-    p.add_argument("--epochs", type=int, help="epochs of runs that train on triplets (default 12)")
-    p.add_argument("--inbatch-epochs", type=int, help="epochs of runs that train on item batches (default 24)")
+    p.add_argument("--epochs", type=int, help="epochs of runs that train on triplets (default: the task's)")
+    p.add_argument("--inbatch-epochs", type=int, help="epochs of runs that train on item batches (default: the "
+                                                      "task's)")
     p.add_argument("--methods", help=f"comma-separated subset of: {', '.join(METHODS)}")
     p.add_argument("--workers", type=int, default=2, help="parallel training processes (default 2)")
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                    help="what 'seconds' counts: CPU seconds of the training process (default; steady on a shared "
                         "machine, and equal to wall-clock on an idle one, as each run uses one thread) or wall-clock")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
+    p.add_argument("--name", help="results file stem (default quality, quality-TASK, or quality-quick)")
     return p.parse_args(argv)
+
+
+def bench_of(args: argparse.Namespace) -> BenchConfig:
+    """The task's configuration (or the quick one) with the command line's changes."""
+    bench = QUICK if args.quick else BENCHES[args.task]
+    protocols = tuple(x.strip() for x in args.protocols.split(",")) if args.protocols else bench.protocols
+    unknown = sorted(set(protocols) - set(PROTOCOLS))
+    if unknown:
+        raise SystemExit(f"unknown protocols {unknown}; accepted: {', '.join(PROTOCOLS)}")
+    return dataclasses.replace(bench, seeds=args.seeds or bench.seeds, epochs=args.epochs or bench.epochs,
+                               inbatch_epochs=args.inbatch_epochs or bench.inbatch_epochs, protocols=protocols)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ["OMP_NUM_THREADS"] = "1"
-    bench = QUICK if args.quick else BenchConfig()
-    bench = BenchConfig(seeds=args.seeds or bench.seeds, epochs=args.epochs or bench.epochs,
-                        inbatch_epochs=args.inbatch_epochs or bench.inbatch_epochs, sizes=bench.sizes)
+    bench = bench_of(args)
     default = QUICK_METHODS if args.quick else DEFAULT_METHODS
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(default)
     unknown = [m for m in methods if m not in METHODS]
@@ -556,22 +621,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"unknown methods {unknown}; accepted: {', '.join(METHODS)}")
     selected = [METHODS[m] for m in methods]
     if not pml_available():
-        skipped = [m.name for m in selected if m.pml]
-        selected = [m for m in selected if not m.pml]
+        skipped = [m.name for m in selected if m.pml or m.xbm]
+        selected = [m for m in selected if not (m.pml or m.xbm)]
         if skipped:
             log.info("pytorch-metric-learning is not installed: skipping %s", ", ".join(skipped))
+    name = args.name or ("quality-quick" if args.quick else "quality" if args.task == "pairs" else f"quality-{args.task}")
     args.out.mkdir(parents=True, exist_ok=True)
+    # every finished run is appended here at once, and a rerun skips the runs it holds: nothing is lost to a kill
+    partial = args.out / f"{name}.runs.jsonl"
+    done = {} if args.quick else load_partial(partial)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="hardneg-quality-") as tmp:
         files = make_digit_task(Path(tmp) / "data", bench.sizes)
-        specs = make_specs(bench, selected, files, Path(tmp), args.clock)
-        log.info("%d runs (%d methods x %d protocols x %d seeds) in %d workers", len(specs), len(selected),
-                 len(files), bench.seeds, args.workers)
-        records = run_all(specs, args.workers)
+        specs = make_specs(bench, selected, files, Path(tmp), args.clock, args.task)
+        key = {id(s): run_key(args.task, s.method.name, s.protocol, s.seed, s.epochs) for s in specs}
+        todo = [s for s in specs if key[id(s)] not in done]
+        log.info("%d runs (%d methods x %d protocols x %d seeds; %d already in %s) in %d workers", len(specs),
+                 len(selected), len(bench.protocols), bench.seeds, len(specs) - len(todo), partial, args.workers)
+
+        def keep(spec: RunSpec, rec: RunRecord) -> None:
+            done[key[id(spec)]] = rec
+            if not args.quick:
+                with open(partial, "a") as f:
+                    f.write(json.dumps({"key": key[id(spec)], "record": asdict(rec)}) + "\n")
+
+        run_all(todo, args.workers, keep)
+        records = [done[key[id(s)]] for s in specs]
     summary = summarise(records, compare_epoch=bench.epochs)
-    name = "quality-quick" if args.quick else "quality"
     (args.out / f"{name}.json").write_text(json.dumps(
-        {"bench": asdict(bench), "summary": summary, "runs": [asdict(r) for r in records]}, indent=1) + "\n")
+        {"task": args.task, "bench": asdict(bench), "summary": summary, "runs": [asdict(r) for r in records]},
+        indent=1) + "\n")
     (args.out / f"{name}.md").write_text(markdown(summary))
     plot(records, args.out / f"{name}.png", [m.name for m in selected])
     print_table(summary)

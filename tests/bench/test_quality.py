@@ -1,12 +1,15 @@
-"""bench/quality.py: the composed-digit tasks (against the digit images they are made of)."""
+"""bench/quality.py: the composed-digit tasks (against the digit images they are made of), and a quick run."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))  # quality.py imports bench/pool.py as a sibling
@@ -61,3 +64,35 @@ def test_the_task_is_seeded(tmp_path: Path) -> None:
     path = "heldout-classes"
     assert np.array_equal(np.load(a[path][0])["x"], np.load(b[path][0])["x"])
     assert not np.array_equal(np.load(a[path][0])["y"], np.load(c[path][0])["y"])
+
+
+@pytest.mark.slow
+def test_quick_run_tables_are_the_runs_interpolated(tmp_path: Path) -> None:
+    """A cut-down --quick run (one seed per method would leave no spread: two) writes tables whose cells are the
+    runs' metrics at the budgets, recomputed here with np.interp from the recorded curves."""
+    methods = ["global", "in-batch semihard", "global seed-hardness 1"]
+    if importlib.util.find_spec("pytorch_metric_learning") is not None:
+        methods.append("pml XBM 1024 BatchHardMiner")
+    threads = torch.get_num_threads()
+    try:
+        assert qb.main(["--quick", "--seeds", "2", "--epochs", "2", "--inbatch-epochs", "3", "--workers", "1",
+                        "--protocols", "heldout-samples", "--methods", ",".join(methods), "--out",
+                        str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = json.loads((tmp_path / "quality-quick.json").read_text())
+    s = out["summary"]["heldout-samples"]
+    runs = out["runs"]
+    assert {r["method"] for r in runs} == set(methods) and len(runs) == 2 * len(methods)
+    shortest = min(r["seconds"][-1] for r in runs)
+    assert s["budgets"][-1] == pytest.approx(shortest, abs=0.01) and s["budgets"][-1] <= shortest
+    for row in s["rows"]:
+        mine = [r for r in runs if r["method"] == row["method"]]
+        for b in s["budgets"]:
+            vals = [np.interp(b, r["seconds"], r["metrics"]["map_at_r"]) for r in mine]
+            cell = row[f"map_at_r@{b}s"]
+            assert cell["mean"] == pytest.approx(np.mean(vals)) and cell["std"] == pytest.approx(np.std(vals, ddof=1))
+        epoch = s["compare_epoch"]
+        vals = [r["metrics"]["r_precision"][r["epochs"].index(epoch)] for r in mine]
+        assert row[f"r_precision@epoch{epoch}"]["mean"] == pytest.approx(np.mean(vals))
+    assert (tmp_path / "quality-quick.md").read_text().count("| heldout-samples |") == 3 * len(methods)
