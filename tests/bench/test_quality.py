@@ -96,3 +96,21 @@ def test_quick_run_tables_are_the_runs_interpolated(tmp_path: Path) -> None:
         vals = [r["metrics"]["r_precision"][r["epochs"].index(epoch)] for r in mine]
         assert row[f"r_precision@epoch{epoch}"]["mean"] == pytest.approx(np.mean(vals))
     assert (tmp_path / "quality-quick.md").read_text().count("| heldout-samples |") == 3 * len(methods)
+
+
+def test_gap_rows_by_hand() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import quality_gap as qg
+
+    def row(method: str, group: str, mean: float, std: float) -> dict:
+        return {"method": method, "group": group, "seeds": 3, "map_at_r@4.5s": {"mean": mean, "std": std}}
+
+    summary = {"heldout-samples": {"budgets": [1.0, 4.5], "rows": [
+        row("global", "global", 0.80, 0.03), row("in-batch semihard", "in-batch", 0.70, 0.04),
+        row("pml XBM 1024 BatchHardMiner", "external", 0.75, 0.01), row("random", "random", 0.90, 0.0),
+        row("global refresh 8", "lever", 0.82, 0.02)]}}
+    (r,) = qg.gap_rows(summary, "triples")
+    assert (r["classes"], r["baseline"], r["lever"]) == (1000, "pml XBM 1024 BatchHardMiner", "global refresh 8")
+    assert r["gap"] == pytest.approx(0.05) and r["gap_err"] == pytest.approx((0.03 ** 2 + 0.01 ** 2) ** 0.5)
+    assert r["spread"] == pytest.approx(0.03) and r["lever_gap"] == pytest.approx(0.07)
+    assert "| 1,000 | heldout-samples | 4.5 | 0.800 ± 0.030 | pml XBM 1024 BatchHardMiner |" in qg.markdown([r])
