@@ -1,11 +1,13 @@
 """Benchmark of mining quality: global index mining against in-batch and random mining, side by side.
 
-The task (``pair_digits``): two scikit-learn digits side by side (8 x 16 images), label ``10·a + b``, so 100
-classes. The 1797 digit images are split first (stratified, seeded) into a training side and an evaluation
-side, and pairs are composed on each side, so no evaluation image was ever trained on. Two protocols:
+The tasks (``--task``): scikit-learn digits side by side, labelled by the number they write: ``pairs`` (8 x 16
+images, 100 classes, 30 training items each), and the many-class tasks with few items per class, ``triples``
+(1000 classes) and ``quads`` (10,000 classes). The 1797 digit images are split first (stratified, seeded) into
+a training side and an evaluation side, and compositions are drawn on each side, so no evaluation image was
+ever trained on. Two protocols:
 
-* ``heldout-classes``: train on 50 of the pair-classes (drawn once, seeded), evaluate on the other 50;
-* ``heldout-samples``: train and evaluate on all 100 classes, with disjoint images.
+* ``heldout-classes``: train on half of the classes (drawn once, seeded), evaluate on the other half;
+* ``heldout-samples``: train and evaluate on every class, with disjoint images.
 
 Every method trains the same model (hardneg's CNN), with the same loss, margin, batch size and optimiser,
 in-process through the trainer's API (:class:`~hardneg.trainer.loop.Trainer` on ``npz:`` data), for
@@ -25,10 +27,12 @@ epochs of runs that embed three items per anchor (triplets), so that every metho
 External baselines: where ``pytorch-metric-learning`` is installed (an optional benchmark dependency,
 never a runtime one), its ``TripletMarginMiner(type_of_triplets="semihard")`` and ``BatchHardMiner`` mine
 the same P x K batches of the same model, with squared Euclidean distances so the margin means what it
-means in hardneg, and hardneg's triplet loss.
+means in hardneg, and hardneg's triplet loss; its ``CrossBatchMemory`` (XBM) trains as a recipe of its own
+(bench/pml_baselines.py).
 
-Usage: ``.venv/bin/python bench/quality.py [--quick] [--seeds N] [--methods a,b] [--workers 2]``;
-results go to ``bench/results/quality.{json,md,png}``.
+Usage: ``.venv/bin/python bench/quality.py [--quick] [--task pairs|triples|quads] [--protocols ...]
+[--seeds N] [--methods a,b] [--workers 2]``; results go to ``bench/results/quality[-TASK].{json,md,png}``,
+and every finished run to ``...runs.jsonl`` at once (a rerun skips the runs it holds).
 """
 
 from __future__ import annotations
