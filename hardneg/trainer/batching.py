@@ -206,15 +206,19 @@ class PKBatches(ClassBatches):
 
 
 class ConfusableClassBatches(ClassBatches):
-    """A uniformly drawn seed class and its P - 1 nearest classes in the snapshot, K items of each.
+    """A seed class, drawn uniformly or by ``seed_weights``, and its P - 1 nearest classes in the snapshot, K
+    items of each.
 
     Args:
         neighbours: (C', P') int labels: row ``i`` is a class followed by its nearest classes, nearest
             first (:func:`confusable_classes`); every class in the training labels with 2 or more items must
             have a row, and ``P' >= P``.
+        seed_weights: (C',) non-negative weights of the rows' classes as seed classes (:func:`seed_weights`);
+            None: uniform.
     """
 
-    def __init__(self, labels: np.ndarray, batch_size: int, per_class: int, neighbours: np.ndarray) -> None:
+    def __init__(self, labels: np.ndarray, batch_size: int, per_class: int, neighbours: np.ndarray,
+                 seed_weights: np.ndarray | None = None) -> None:
         super().__init__(labels, batch_size, per_class)
         neighbours = np.asarray(neighbours)
         p = self.classes_per_batch
@@ -229,9 +233,41 @@ class ConfusableClassBatches(ClassBatches):
             raise ValidationError(f"neighbours has no row for classes {missing}; it needs one per training class "
                                   f"with 2 or more items")
         self.table = table
+        self.seed_p: np.ndarray | None = None
+        if seed_weights is not None:
+            w = np.asarray(seed_weights, dtype=np.float64)
+            if w.shape != (len(neighbours),) or not (np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
+                raise ValidationError(f"seed_weights must be ({len(neighbours)},) finite weights >= 0, not all 0, "
+                                      f"one per row of neighbours; got shape {w.shape}")
+            p_table = np.zeros(len(table))
+            p_table[rows] = w
+            self.seed_p = p_table / p_table.sum()
 
     def choose_classes(self, n_batches: int, rng: np.random.Generator) -> np.ndarray:
-        return self.table[rng.integers(0, len(self.table), size=n_batches)]
+        if self.seed_p is None:
+            return self.table[rng.integers(0, len(self.table), size=n_batches)]
+        return self.table[rng.choice(len(self.table), size=n_batches, p=self.seed_p)]
+
+
+def seed_weights(vectors: np.ndarray, labels: np.ndarray, neighbours: np.ndarray, hardness: float) -> np.ndarray:
+    """How often each row's class of ``neighbours`` (C, P) should seed a batch: ``(mean squared centroid distance
+    to the row's other classes) ** -hardness``, so that classes whose batch neighbours lie close (confusable
+    classes) seed more batches (hardness-aware class sampling: Suh et al. 2019). (C,) float64; ``hardness`` 0
+    gives equal weights.
+    """
+    return centroid_seed_weights(*class_centroids(vectors, labels), neighbours, hardness)
+
+
+def centroid_seed_weights(classes: np.ndarray, centroids: np.ndarray, neighbours: np.ndarray,
+                          hardness: float) -> np.ndarray:
+    """:func:`seed_weights` from the class centroids (C, d) of ``classes`` (C,) sorted (e.g. reduced over ranks)."""
+    rows = np.searchsorted(classes, neighbours)
+    if neighbours.shape[1] < 2:
+        return np.ones(len(neighbours))
+    c = centroids.astype(np.float64)
+    d2 = ((c[rows[:, :1]] - c[rows[:, 1:]]) ** 2).sum(axis=2).mean(axis=1)  # (C,)
+    d2 = np.maximum(d2, 1e-12)  # coinciding centroids: the most confusable, not infinitely likely
+    return (d2 / d2.mean()) ** -hardness
 
 
 def confusable_classes(vectors: np.ndarray, labels: np.ndarray, p: int) -> np.ndarray:

@@ -71,6 +71,9 @@ def _recipe_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--per-class", type=int, metavar="K", help="pk and class batches: items of each class per batch")
     t.add_argument("--inbatch-strategy", choices=INBATCH_STRATEGIES,
                    help="class-batches and mined-tuples: the in-batch miner of class batches and of mixed batches")
+    t.add_argument("--seed-hardness", type=float, metavar="A",
+                   help="class-batches: draw seed classes with probability proportional to (mean squared distance "
+                        "to their batch's classes) ** -A, so confusable classes seed more batches (0: uniformly)")
     t.add_argument("--inbatch-mix", type=float, metavar="WEIGHT",
                    help="mined-tuples: add WEIGHT x the in-batch loss over each batch of mined triplets' items")
 

@@ -20,7 +20,7 @@ from hardneg.miner.store import SnapshotStore
 from hardneg.trainer import tuples as tp
 from hardneg.trainer.batching import (
     ClassGroups, ConfusableClassBatches, PKBatches, RandomBatches, composition_stats, confusable_classes,
-    make_batch_sampler,
+    make_batch_sampler, seed_weights,
 )
 from hardneg.trainer.config import TrainConfig
 from hardneg.trainer.inbatch import BatchHardMiner, SemiHardMiner
@@ -125,6 +125,29 @@ def test_composed_batches_are_a_class_and_its_nearest_classes() -> None:
         assert frozenset(classes.tolist()) in rows and (counts == 4).all()
 
 
+def test_seed_weights_by_hand_and_the_seeds_follow_them() -> None:
+    # classes 10, 11 close together, 12 far: rows (10, 11), (11, 10), (12, 11)
+    y = np.repeat([10, 11, 12], 2)
+    v = np.array([[0, 0], [0, 0], [1, 0], [1, 0], [4, 0], [4, 0]], np.float32)
+    table = confusable_classes(v, y, 2)
+    assert table.tolist() == [[10, 11], [11, 10], [12, 11]]
+    d2 = np.array([1.0, 1.0, 9.0])
+    np.testing.assert_allclose(seed_weights(v, y, table, 1.0), (d2 / d2.mean()) ** -1.0)
+    np.testing.assert_allclose(seed_weights(v, y, table, 0.0), [1.0, 1.0, 1.0])
+    sampler = ConfusableClassBatches(y, 4, 2, table, seed_weights(v, y, table, 1.0))
+    np.testing.assert_allclose(sampler.seed_p, [9 / 19, 9 / 19, 1 / 19])  # 1/1 : 1/1 : 1/9
+    counts = np.zeros(3)
+    rng = np.random.default_rng(0)
+    for _ in range(4000):
+        counts[sampler.choose_classes(1, rng)[0, 0]] += 1
+    np.testing.assert_allclose(counts / counts.sum(), [9 / 19, 9 / 19, 1 / 19], atol=0.02)
+    # without weights the seeds stay uniform, drawn as before
+    plain = ConfusableClassBatches(y, 4, 2, table)
+    assert plain.seed_p is None
+    np.testing.assert_array_equal(plain.choose_classes(5, np.random.default_rng(3)),
+                                  plain.table[np.random.default_rng(3).integers(0, 3, size=5)])
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda y: PKBatches(y, 12, 1), "per_class must be an integer >= 2"),
     (lambda y: PKBatches(y, 6, 4), r"batch_size \(6\) must hold at least 2 classes"),
@@ -132,6 +155,8 @@ def test_composed_batches_are_a_class_and_its_nearest_classes() -> None:
     (lambda y: ConfusableClassBatches(y, 8, 2, np.array([10, 11, 12])), r"must be a \(classes, >= 3\) table"),
     (lambda y: ConfusableClassBatches(y, 8, 2, np.array([[10, 11, 12], [11, 10, 12]])),
      r"has no row for classes \[12\]"),
+    (lambda y: ConfusableClassBatches(y, 4, 2, np.array([[10, 11], [11, 12], [12, 11]]), np.array([1.0, -1.0, 1.0])),
+     r"seed_weights must be \(3,\) finite weights >= 0"),
     (lambda y: make_batch_sampler("classes", y, 8, 2), "batching must be one of random, pk, got 'classes'"),
 ])
 def test_bad_batching_is_refused(make, message: str) -> None:
@@ -216,6 +241,9 @@ def test_mixed_loss_without_in_batch_triplets_is_the_mined_mean() -> None:
     ({"inbatch_mix": 0.5, "global_batches": "classes"}, "an option of recipe 'mined-tuples', not of the chosen "
                                                         "recipe 'class-batches'"),
     ({"inbatch_strategy": "hardest"}, "inbatch_strategy must be one of batch-hard, semihard"),
+    ({"seed_hardness": -1.0}, "seed_hardness must be a finite number >= 0"),
+    ({"seed_hardness": 1.0, "mining": "in-batch"}, "an option of recipe 'class-batches', not of the chosen recipe "
+                                                   "'in-batch'"),
     ({"strategy": "hardest"}, "'strategy' in the config is an option of recipe 'mined-tuples' and 'in-batch', not "
                               "of the chosen recipe 'class-batches'"),
     ({"positive_aware": 0.9, "near_duplicate": 0.1}, "'positive_aware' in the config is an option of recipe "
@@ -232,9 +260,10 @@ def test_lever_flags_fill_the_config() -> None:
 
     args = build_parser().parse_args(["train", "--global-batches", "classes", "--batching", "pk", "--per-class", "8",
                                       "--inbatch-strategy", "batch-hard", "--warmup-epochs", "2", "--refresh-every",
-                                      "3"])
+                                      "3", "--seed-hardness", "1.5"])
     cfg = TrainConfig.from_sources(None, _given(args))
     assert (cfg.recipe.name, cfg.recipe.batching, cfg.recipe.per_class) == ("class-batches", "pk", 8)
+    assert cfg.recipe.seed_hardness == 1.5
     assert (cfg.recipe.inbatch_strategy, cfg.warmup_epochs, cfg.refresh_every) == ("batch-hard", 2, 3)
     args = build_parser().parse_args(["train", "--global-batches", "tuples", "--inbatch-mix", "0.25", "--strategy",
                                       "window", "--window-skip", "2", "--positive-aware", "0.9"])
@@ -253,8 +282,8 @@ def write_blobs(path: Path, per_class: int, seed: int) -> str:
     return f"npz:{path}"
 
 
-def composed_config(tmp_path: Path, name: str, epochs: int) -> TrainConfig:
-    return TrainConfig.from_dict({
+def composed_config(tmp_path: Path, name: str, epochs: int, **changes: object) -> TrainConfig:
+    return TrainConfig.from_dict({**changes,
         "data": write_blobs(tmp_path / "train.npz", 12, 1), "eval_data": write_blobs(tmp_path / "eval.npz", 5, 2),
         "recipe": "class-batches", "batching": "pk", "per_class": 4, "batch_size": 16, "inbatch_strategy": "semihard",
         "warmup": "in-batch", "refresh_every": 2, "epochs": epochs, "embedding_dim": 8, "hidden_dim": 32,
@@ -298,3 +327,21 @@ def test_global_run_composes_batches_from_its_snapshot_and_resumes_them(tmp_path
     resumed.run()
     key = [(r["epoch"], r["step"], r["loss"], r["metrics"], r["train"]) for r in hist]
     assert [(r["epoch"], r["step"], r["loss"], r["metrics"], r["train"]) for r in resumed.state.history] == key
+
+
+def test_hardness_weighted_seeds_come_from_the_snapshot_and_resume(tmp_path: Path) -> None:
+    trainer = Trainer.create(composed_config(tmp_path, "full", 3, seed_hardness=2.0))
+    trainer.run()
+    store = SnapshotStore(trainer.cfg.store)
+    snap = store.open(store.names()[0])  # published before epoch 2
+    vectors, labels = snap.index.vectors_of(snap.index.ids), snap.index.labels
+    brute = brute_neighbours(vectors, labels, 4)
+    centroid = {c: vectors[labels == c].astype(np.float64).mean(0) for c in brute}
+    d2 = np.array([np.mean([((centroid[c] - centroid[o]) ** 2).sum() for o in brute[c][1:]]) for c in sorted(brute)])
+    np.testing.assert_allclose(trainer.recipe.seed_weights, (d2 / d2.mean()) ** -2.0, rtol=1e-5)
+    Trainer.create(composed_config(tmp_path, "cut", 2, seed_hardness=2.0)).run()
+    resumed = Trainer.resume(tmp_path / "cut", {"epochs": 3})
+    np.testing.assert_array_equal(resumed.recipe.seed_weights, trainer.recipe.seed_weights)
+    resumed.run()
+    key = [(r["epoch"], r["step"], r["loss"], r["metrics"]) for r in trainer.state.history]
+    assert [(r["epoch"], r["step"], r["loss"], r["metrics"]) for r in resumed.state.history] == key

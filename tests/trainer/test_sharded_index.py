@@ -22,7 +22,9 @@ from hardneg.miner.errors import ValidationError
 from hardneg.miner.flat_file import FlatIndexWriter
 from hardneg.miner.index import VectorIndex
 from hardneg.miner.store import SnapshotStore
-from hardneg.trainer.batching import class_centroids, class_neighbours, confusable_classes
+from hardneg.trainer.batching import (
+    centroid_seed_weights, class_centroids, class_neighbours, confusable_classes, seed_weights,
+)
 from hardneg.trainer.config import TrainConfig
 from hardneg.trainer.distributed import LOCAL, DistContext, process_group
 from hardneg.trainer.refresh import mine_tuples
@@ -87,6 +89,14 @@ def test_class_centroids_of_one_shard_are_the_whole_sets(data) -> None:
                                        data.labels)
     assert np.array_equal(classes, ref_classes)
     np.testing.assert_allclose(centroids, ref, atol=1e-6)  # float32 sums added in another order
+
+
+def test_seed_weights_from_shard_centroids_are_the_whole_sets(data) -> None:
+    classes, centroids = shard_of(data.vectors, data.labels, LOCAL).class_centroids()
+    whole = VectorIndex.build(data.vectors, data.labels).vectors_of(np.arange(N))
+    table = confusable_classes(whole, data.labels, 4)
+    np.testing.assert_allclose(centroid_seed_weights(classes, centroids, table, 2.0),
+                               seed_weights(whole, data.labels, table, 2.0), rtol=1e-5)
 
 
 def test_auto_shards_large_runs_under_torchrun_only() -> None:

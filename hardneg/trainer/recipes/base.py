@@ -137,13 +137,16 @@ class ItemBatches(Epoch):
     def batches(self, rng: np.random.Generator) -> Sequence[np.ndarray]:
         return self.sampler.batches(rng)
 
-    def loss(self, model: nn.Module, batch: np.ndarray) -> tuple[torch.Tensor | None, torch.Tensor]:
-        data, timer = self.ctx.data, self.ctx.timer
-        with timer.phase("data"):
+    def take(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's items (B, ...) and labels (B,) on the training device."""
+        data = self.ctx.data
+        with self.ctx.timer.phase("data"):
             idx = torch.from_numpy(batch).to(data.x.device)
-            x, y = data.x[idx], data.y[idx]
-        emb = model(x)
-        return None, inbatch_terms(emb, y, self.miner, self.ctx.loss, timer)
+            return data.x[idx], data.y[idx]
+
+    def loss(self, model: nn.Module, batch: np.ndarray) -> tuple[torch.Tensor | None, torch.Tensor]:
+        x, y = self.take(batch)
+        return None, inbatch_terms(model(x), y, self.miner, self.ctx.loss, self.ctx.timer)
 
 
 class TupleBatches(Epoch):

@@ -2,9 +2,10 @@
 
 Each refresh finds every class's nearest classes by centroid distance in the snapshot
 (:func:`~hardneg.trainer.batching.confusable_classes`); until the next one, every batch is a class drawn
-uniformly and its P - 1 nearest classes, K items of each, mined in-batch (semi-hard by default). Before the
-first snapshot the warm-up trains (:class:`~hardneg.trainer.recipes.warmup.Warmup`). With ``exclude_suspects``
-each refresh leaves the snapshot's suspected label errors out of the batches and the class centroids
+uniformly (or, with ``seed_hardness`` > 0, the more often the closer its nearest classes lie) and its P - 1
+nearest classes, K items of each, mined in-batch (semi-hard by default). Before the first snapshot the
+warm-up trains (:class:`~hardneg.trainer.recipes.warmup.Warmup`). With ``exclude_suspects`` each refresh
+leaves the snapshot's suspected label errors out of the batches and the class centroids
 (:mod:`hardneg.trainer.suspects`).
 """
 
@@ -17,8 +18,8 @@ import torch
 from torch import nn
 
 from hardneg.trainer.batching import (
-    ConfusableClassBatches, centroid_stats, check_class_batches, class_neighbours, composition_stats,
-    confusable_classes,
+    ConfusableClassBatches, centroid_seed_weights, centroid_stats, check_class_batches, class_neighbours,
+    composition_stats, confusable_classes, seed_weights,
 )
 from hardneg.trainer.inbatch import TripletMiner
 from hardneg.trainer.recipes.base import Epoch, ItemBatches, RecipeContext, Snapshot
@@ -41,6 +42,7 @@ class ClassBatches(SnapshotRecipe):
         check_class_batches(ctx.data.labels, ctx.cfg.batch_size, self.settings.per_class)
         self.neighbours: np.ndarray | None = None  # (C, P) class table of the current refresh window
         self.kept: np.ndarray | None = None  # exclude_suspects: the item indices the window's batches draw from
+        self.seed_weights: np.ndarray | None = None  # (C,) seed-class weights of its rows (None: uniform)
 
     def refresh(self, model: nn.Module, snapshot: Snapshot) -> dict[str, Any]:
         from hardneg.miner.mining.miner import stored_vectors
@@ -48,6 +50,9 @@ class ClassBatches(SnapshotRecipe):
         if snapshot.shard is not None:  # a sharded index: centroids from the ranks' per-class sums
             classes, centroids = snapshot.shard.class_centroids()
             self.neighbours = class_neighbours(classes, centroids, self.ctx.cfg.batch_size // self.settings.per_class)
+            if self.settings.seed_hardness > 0:
+                self.seed_weights = centroid_seed_weights(classes, centroids, self.neighbours,
+                                                          self.settings.seed_hardness)
             return centroid_stats(classes, centroids, self.neighbours)
         index, fraction = snapshot.index, self.ctx.cfg.exclude_suspects
         vectors, labels = stored_vectors(index), index.labels
@@ -56,6 +61,8 @@ class ClassBatches(SnapshotRecipe):
             keep = ~np.isin(index.ids, excluded)
             vectors, labels, self.kept = vectors[keep], labels[keep], np.sort(index.ids[keep])
         self.neighbours = confusable_classes(vectors, labels, self.ctx.cfg.batch_size // self.settings.per_class)
+        if self.settings.seed_hardness > 0:
+            self.seed_weights = seed_weights(vectors, labels, self.neighbours, self.settings.seed_hardness)
         stats = composition_stats(vectors, labels, self.neighbours)
         return stats if fraction is None else {**stats, "suspects_excluded": len(excluded)}
 
@@ -64,14 +71,17 @@ class ClassBatches(SnapshotRecipe):
             return self.warmup.plan(epoch)
         labels, kept = self.ctx.data.labels, self.kept
         sampler = ConfusableClassBatches(labels if kept is None else labels[kept], self.ctx.cfg.batch_size,
-                                         self.settings.per_class, self.neighbours)
+                                         self.settings.per_class, self.neighbours, self.seed_weights)
         return ItemBatches(self.ctx, sampler if kept is None else KeptItems(sampler, kept, labels), self.miner)
 
     def state_dict(self) -> dict[str, Any]:
         state = {"neighbours": None if self.neighbours is None else torch.from_numpy(self.neighbours)}
+        if self.seed_weights is not None:
+            state["seed_weights"] = torch.from_numpy(self.seed_weights)
         return state if self.kept is None else {**state, "kept": torch.from_numpy(self.kept)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        t, kept = state.get("neighbours"), state.get("kept")
+        t, kept, w = state.get("neighbours"), state.get("kept"), state.get("seed_weights")
         self.neighbours = None if t is None else t.numpy().astype(np.int64)
         self.kept = None if kept is None else kept.numpy().astype(np.int64)
+        self.seed_weights = None if w is None else w.numpy()

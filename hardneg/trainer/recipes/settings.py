@@ -120,10 +120,15 @@ class ClassBatchesSettings(WarmupSettings):
     name: ClassVar[str] = "class-batches"
     needs_snapshot: ClassVar[bool] = True
     inbatch_strategy: str = "semihard"  # the in-batch miner inside class batches (batch-hard there: unstable)
+    # seed classes drawn with probability ∝ (mean d² to their batch neighbours) ** -seed_hardness (0: uniformly)
+    seed_hardness: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         choice("inbatch_strategy", self.inbatch_strategy, INBATCH_STRATEGIES)
+        if not (math.isfinite(self.seed_hardness) and self.seed_hardness >= 0):
+            raise ValidationError(f"seed_hardness must be a finite number >= 0 (0: seed classes drawn uniformly), "
+                                  f"got {self.seed_hardness}")
 
     @property
     def uses_class_batches(self) -> bool:
