@@ -24,6 +24,10 @@ Threads: both loops run with ``--threads`` (default 1) torch threads, and hardne
 (its ``threads`` setting). On a shared machine whose two cores are busy, two threads cost 3-6x the CPU of one
 per training step (each OpenMP pool waits for the other's jobs), so CPU seconds only compare at one thread.
 
+For class-batches the results also hold ``centroid_sample_check``: on the run's final snapshot, how well class
+centroids from M items per class (the ``centroid_sample`` of a refresh that publishes nothing) stand in for
+every item's.
+
 The evaluation of the whole generated set (leave-one-out retrieval of every item, MAP@R) is timed as the
 trainer's ``eval`` phase; ``--eval-sample`` and ``--eval-every`` are the trainer's settings that bound it.
 
