@@ -24,10 +24,15 @@ Threads: both loops run with ``--threads`` (default 1) torch threads, and hardne
 (its ``threads`` setting). On a shared machine whose two cores are busy, two threads cost 3-6x the CPU of one
 per training step (each OpenMP pool waits for the other's jobs), so CPU seconds only compare at one thread.
 
+For class-batches the results also hold ``centroid_sample_check``: on the run's final snapshot, how well class
+centroids from M items per class (the ``centroid_sample`` of a refresh that publishes nothing) stand in for
+every item's.
+
 The evaluation of the whole generated set (leave-one-out retrieval of every item, MAP@R) is timed as the
 trainer's ``eval`` phase; ``--eval-sample`` and ``--eval-every`` are the trainer's settings that bound it.
 
-Usage: ``.venv/bin/python bench/throughput.py [--quick] [--items N] [--classes C] [--epochs E] [--threads T]``
+Usage: ``.venv/bin/python bench/throughput.py [--quick] [--items N] [--classes C] [--epochs E] [--threads T]
+[--recipes class-batches]``
 (the full size, 60,000 images of 28 x 112 in 10,000 classes, as in the report that asked for this benchmark,
 takes tens of minutes on two busy cores: run it under ``flock /tmp/hardneg-bench.lock nice -n 5``). Results go
 to ``bench/results/throughput.json`` (``--out``) and a table on stdout.
@@ -87,6 +92,7 @@ class Setup:
     threads: int = 1  # torch intra-op threads, both loops (0: torch's default); see the module docstring
     eval_sample: int | None = None  # the trainer's settings that bound the evaluation's cost
     eval_every: int = 1
+    publish_every: int = 1  # the trainer's: refreshes between published snapshots (the others sample centroids)
 
 
 QUICK = Setup(items=3_000, classes=500, height=28, width=56, epochs=3, refresh_every=1, plain_epochs=1)
@@ -200,6 +206,8 @@ def hardneg_config(s: Setup, recipe: str, work: Path) -> TrainConfig:
         extra["eval_every"] = s.eval_every
     if s.threads:
         extra["threads"] = s.threads
+    if s.publish_every != 1:
+        extra["publish_every"] = s.publish_every
     return TrainConfig.from_dict({
         "data": "npz:unused", "model": f"{MODULE}:two_layer_cnn", "embedding_dim": s.embedding_dim,
         "recipe": recipe, recipe: {"per_class": s.per_class}, "epochs": s.epochs, "batch_size": s.batch_size,
@@ -264,7 +272,10 @@ def compare(plain: list[dict[str, float]], costs: list[dict[str, float]],
     return out
 
 
-def run(s: Setup, work: Path) -> dict[str, Any]:
+RECIPES = ("in-batch", "class-batches")
+
+
+def run(s: Setup, work: Path, recipes: tuple[str, ...] = RECIPES) -> dict[str, Any]:
     if s.threads:
         torch.set_num_threads(s.threads)
     keep_freed_memory()  # the allocator setting hardneg's trainer makes, for the plain loop from its first epoch
@@ -273,7 +284,7 @@ def run(s: Setup, work: Path) -> dict[str, Any]:
     started = time.perf_counter()
     plain: list[list[dict[str, float]]] = [run_plain(s, xt, yt, y, s.plain_epochs)]
     hard: dict[str, list[dict[str, Any]]] = {}
-    for recipe in ("in-batch", "class-batches"):
+    for recipe in recipes:
         hard[recipe] = run_hardneg(s, recipe, x, y, work)
         plain.append(run_plain(s, xt, yt, y, s.plain_epochs))
     result: dict[str, Any] = {
@@ -288,7 +299,41 @@ def run(s: Setup, work: Path) -> dict[str, Any]:
             "vs_plain_train_only": compare(around, costs, None),
             "eval_untrained_wall_s": records[0]["elapsed_s"],
             "metrics": records[-1]["metrics"]}
+        if recipe == "class-batches":
+            result["hardneg"][recipe]["centroid_sample_check"] = centroid_sample_check(
+                hardneg_config(s, recipe, work), s.batch_size // s.per_class)
     return result
+
+
+def centroid_sample_check(cfg: TrainConfig, p: int, samples: tuple[int, ...] = (4, 8, 16, 32),
+                          draws: int = 3) -> dict[str, Any]:
+    """How well class centroids from M items per class stand in for every item's, on the run's final snapshot.
+
+    Per M (``draws`` seeded samples each): the largest distance between a class's sampled and full centroid
+    (beside the mean distance from a class's centroid to the nearest other class's), and the share of the
+    class table's neighbour entries (each class's P - 1 nearest classes, as sets) the sample finds.
+    """
+    from hardneg.miner.distances import COSINE
+    from hardneg.miner.index import stored_vectors
+    from hardneg.miner.store import SnapshotStore
+    from hardneg.trainer.batching import class_centroids, class_sample, confusable_classes
+
+    index = SnapshotStore(cfg.store).open().index
+    vectors, labels = stored_vectors(index), index.labels
+    classes, full = class_centroids(vectors, labels)
+    table = confusable_classes(vectors, labels, p)
+    d2 = ((full[table[:, 1]] - full) ** 2).sum(1)
+    out: dict[str, Any] = {"classes": len(classes), "p": p, "nearest_class_distance": float(np.sqrt(d2).mean())}
+    for m in samples:
+        shift, agree = [], []
+        for seed in range(draws):
+            items = class_sample(labels, m, np.random.default_rng(seed))
+            got = confusable_classes(COSINE.prepare(vectors[items]), labels[items], p)
+            shift.append(float(np.linalg.norm(class_centroids(vectors[items], labels[items])[1] - full, axis=1).max()))
+            agree.append(float(np.mean([len(set(a[1:]) & set(b[1:])) / (p - 1) for a, b in zip(got, table)])))
+        out[str(m)] = {"items": len(items), "max_centroid_shift": float(np.mean(shift)),
+                       "table_agreement": float(np.mean(agree)), "table_agreement_min": float(np.min(agree))}
+    return out
 
 
 def time_evaluation(s: Setup) -> dict[str, Any]:
@@ -346,16 +391,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[Setup, Path]:
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None)
     ap.add_argument("--eval-only", action="store_true",
                     help="only time the trainer's evaluation of every item (untrained model)")
+    ap.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES),
+                    help="the hardneg recipes to run (default: both), each between two plain-loop blocks")
     ap.add_argument("--out", type=Path, default=RESULTS / "throughput.json")
     args = ap.parse_args(argv)
     base = QUICK if args.quick else Setup()
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Setup) if getattr(args, f.name) is not None}
-    return dataclasses.replace(base, **given), args.out, args.eval_only
+    return dataclasses.replace(base, **given), args.out, args.eval_only, tuple(args.recipes)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    s, out, eval_only = parse_args(argv)
+    s, out, eval_only, recipes = parse_args(argv)
     if eval_only:
         result = time_evaluation(s)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -363,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=1))
         return 0
     with tempfile.TemporaryDirectory(prefix="hardneg-throughput-") as tmp:
-        result = run(s, Path(tmp))
+        result = run(s, Path(tmp), recipes)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{s.items} items of {s.height} x {s.width}, {s.classes} classes, {s.epochs} epochs, batch {s.batch_size}, "

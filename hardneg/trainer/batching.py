@@ -110,6 +110,16 @@ def distinct_draws(size: np.ndarray, k: int, rng: np.random.Generator) -> np.nda
     return out
 
 
+def class_sample(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to ``per_class`` distinct items of each class of ``labels`` (n,) with 2 or more items, drawn uniformly:
+    (m,) int64 sorted item indices. Every such class keeps ``min(per_class, size)`` items, so with ``per_class``
+    >= 2 the sample has the classes :func:`class_centroids` would have had (and their centroids' estimates)."""
+    groups = ClassGroups.of(labels)
+    cols = distinct_draws(groups.counts, per_class, rng)
+    rows = np.broadcast_to(groups.starts[:, None], cols.shape)
+    return np.sort(groups.order[(rows + cols)[cols >= 0]])
+
+
 def check_class_batches(labels: np.ndarray, batch_size: int, per_class: int) -> ClassGroups:
     """Refuse P x K class batches that ``labels`` (n,) cannot fill; return the classes grouped.
 

@@ -65,10 +65,15 @@ def _recipe_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--warmup", choices=WARMUPS, help="what trains before the first snapshot")
     t.add_argument("--warmup-epochs", type=int)
     t.add_argument("--refresh-every", type=int, metavar="N", help="epochs between snapshots (and mining)")
+    t.add_argument("--publish-every", type=int, metavar="N", help="publish every N-th refresh's snapshot to the "
+                   "store (default 1: every one; the first and the final model's always); the others only refresh "
+                   "the recipe, class-batches from --centroid-sample items per class")
     t.add_argument("--epochs", type=int)
     t.add_argument("--batching", choices=BATCHINGS,
                    help="item batches of in-batch mining and warm-up: random, or pk (P classes x K items)")
     t.add_argument("--per-class", type=int, metavar="K", help="pk and class batches: items of each class per batch")
+    t.add_argument("--centroid-sample", type=int, metavar="M", help="class-batches: items per class a refresh that "
+                   "publishes nothing (--publish-every) embeds for the class centroids (default 16)")
     t.add_argument("--inbatch-strategy", choices=INBATCH_STRATEGIES,
                    help="class-batches and mined-tuples: the in-batch miner of class batches and of mixed batches")
     t.add_argument("--seed-hardness", type=float, metavar="A",

@@ -65,6 +65,9 @@ class TrainConfig:
     # ---- snapshots: the loop publishes one before epoch warmup_epochs + 1, then every refresh_every epochs
     warmup_epochs: int = 1  # a snapshot of an untrained model mines little more than noise
     refresh_every: int = 4  # epochs between snapshots; 1 costs +45% time for no gain, 8 scores the same as 4
+    # refreshes between snapshots published to the store (the first and the final model's always are); the others
+    # only refresh the recipe (class-batches: from a sample of each class). 1: the api sees every refresh's model
+    publish_every: int = 1
     index: str = "flat"  # exact search: the training set is small and snapshots are rebuilt often
     # ---- run
     seed: int = 0
@@ -163,7 +166,8 @@ class TrainConfig:
         choice("device", self.device, DEVICES)
         choice("image_mode", self.image_mode, IMAGE_MODES)
         choice("shard_index", self.shard_index, SHARD_INDEX)
-        for name in ("epochs", "batch_size", "embedding_dim", "hidden_dim", "refresh_every", "keep_snapshots",
+        for name in ("epochs", "batch_size", "embedding_dim", "hidden_dim", "refresh_every", "publish_every",
+                     "keep_snapshots",
                      "eval_batch_size", "image_size", "eval_every"):
             at_least(name, getattr(self, name), 1)
         for name in ("warmup_epochs", "seed", "threads"):
@@ -225,6 +229,12 @@ class TrainConfig:
         """
         k = epoch - 1 - self.warmup_epochs
         return k >= 0 and k % self.refresh_every == 0
+
+    def is_publish_epoch(self, epoch: int) -> bool:
+        """True when the refresh before ``epoch`` publishes its snapshot to the store: the first refresh, then every
+        ``publish_every``-th (the final model is published after the last epoch whatever this says)."""
+        k = epoch - 1 - self.warmup_epochs
+        return self.is_refresh_epoch(epoch) and (k // self.refresh_every) % self.publish_every == 0
 
     def is_eval_epoch(self, epoch: int) -> bool:
         """True when retrieval is evaluated after ``epoch`` (0: the untrained model): every ``eval_every`` epochs,

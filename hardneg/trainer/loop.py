@@ -4,7 +4,9 @@ One epoch ``e`` (1-based) of :class:`Trainer`:
 
 1. if ``cfg.is_refresh_epoch(e)``: embed the training set and publish a snapshot (under torchrun: each rank
    embeds its block, rank 0 publishes), then hand it to the recipe (``recipe.refresh``), which takes from it
-   what the next epochs train on (mined tuples, confusable classes, mined negatives);
+   what the next epochs train on (mined tuples, confusable classes, mined negatives); a refresh that
+   ``cfg.is_publish_epoch(e)`` leaves unpublished embeds only what ``recipe.refresh_items(e)`` asks for (nothing,
+   or a sample; None: every item, published as above);
 2. train: the recipe's batches for the epoch (``recipe.batches``; under torchrun each rank gets its share of
    every batch), one :func:`_step` each on the recipe's loss (``recipe.loss``);
 3. evaluate retrieval on the evaluation split (every ``cfg.eval_every`` epochs and the last; the other epochs'
@@ -48,7 +50,7 @@ from hardneg.trainer.models import build_model
 from hardneg.trainer.plots import plot_history
 from hardneg.trainer.recipes import recipe_class
 from hardneg.trainer.recipes.base import SHUFFLE, Recipe, RecipeContext, Snapshot, TrainData
-from hardneg.trainer.refresh import SnapshotPublisher, publish_local, seed_for, training_thumbs
+from hardneg.trainer.refresh import SnapshotPublisher, embed_items, publish_local, seed_for, training_thumbs
 from hardneg.trainer.runtime import keep_freed_memory, set_threads
 from hardneg.trainer.sharded_index import publish_shards, shard_index_enabled
 from hardneg.trainer.sharded_refresh import publish_sharded
@@ -283,9 +285,14 @@ class Trainer:
         with self.timer.phase("drift"):
             return self.drift.due(self.model, self.state.snapshot)
 
-    def _refresh(self, epoch: int | None) -> tuple[str, dict[str, Any] | None]:
+    def _refresh(self, epoch: int | None) -> tuple[str | None, dict[str, Any] | None]:
         """Publish the current model's embeddings before ``epoch`` (None: the final model) and, before an epoch,
-        refresh the recipe from them; returns the snapshot's name and the recipe's statistics."""
+        refresh the recipe from them; returns the snapshot's name (None: not published) and the recipe's
+        statistics. A refresh that ``cfg.is_publish_epoch`` leaves unpublished embeds what the recipe asks."""
+        if epoch is not None and self.cfg.is_refresh_epoch(epoch) and not self.cfg.is_publish_epoch(epoch):
+            items = self.recipe.refresh_items(epoch)  # (a refresh off the schedule, on drift, always publishes)
+            if items is not None:
+                return None, self._refresh_unpublished(epoch, items)
         done = self.state.epoch
         meta = {"epoch": done, "step": self.state.step, "metrics": self.state.history[-1]["metrics"],
                 "reason": "final" if epoch is None else "refresh", "run_dir": str(self.run_dir)}
@@ -297,8 +304,18 @@ class Trainer:
         if epoch is None:
             return published.name, None
         with self.timer.phase("mine"):
-            snapshot = Snapshot(published.name, published.index, published.embeddings, epoch, published.shard)
+            snapshot = Snapshot(published.name, published.index, published.embeddings, epoch, shard=published.shard)
             return published.name, self.recipe.refresh(self.model, snapshot)
+
+    def _refresh_unpublished(self, epoch: int, items: np.ndarray) -> dict[str, Any] | None:
+        """A refresh before ``epoch`` that publishes no snapshot (``publish_every``): embed only the training
+        ``items`` (m,) the recipe asks for (none: nothing to do), on every rank alike, and refresh the recipe."""
+        if len(items) == 0:
+            return None
+        with self.timer.phase("embed"):
+            embeddings = embed_items(self.model, self.x_train, self.cfg.eval_batch_size, items)
+        with self.timer.phase("mine"):
+            return self.recipe.refresh(self.model, Snapshot(None, None, embeddings, epoch, items=items))
 
     def _train_epoch(self, epoch: int) -> EpochStats:
         """One pass over the recipe's batches for ``epoch``; the epoch's loss and counts over every rank's share."""

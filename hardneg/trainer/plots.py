@@ -20,8 +20,8 @@ def plot_history(history: Sequence[dict[str, Any]], path: str | os.PathLike) -> 
     fig, (ax_loss, ax_metrics) = plt.subplots(1, 2, figsize=(10, 4))
     trained = [r for r in history if r.get("loss") is not None]
     ax_loss.plot([r["epoch"] for r in trained], [r["loss"] for r in trained], marker="o")
-    for r in history:  # a new snapshot (and, with global mining, new tuples) before this epoch
-        if r.get("snapshot") is not None:
+    for r in history:  # a refresh before this epoch: a new snapshot, or the recipe refreshed from a sample
+        if r.get("snapshot") is not None or r.get("mining") is not None:
             ax_loss.axvline(r["epoch"], color="grey", alpha=0.3, linestyle="--")
     ax_loss.set(title="training loss (dashed: snapshot refresh)", xlabel="epoch", ylabel="mean loss")
     for key, label in PLOTTED_METRICS.items():

@@ -6,6 +6,10 @@ A :class:`Recipe` decides *what* an epoch trains on; the loop (:mod:`hardneg.tra
 * ``refresh(model, snapshot)``: after the loop has embedded the training set and published a snapshot, take
   from it what the next epochs need (mined tuples, a class-neighbour table, mined negatives); returns the
   statistics recorded for the epoch;
+* ``refresh_items(epoch)``: the training items a refresh that publishes no snapshot (``publish_every``) must
+  embed for ``refresh``: None (the default): every item, in an index; an empty array (recipes that read no
+  snapshot): no refresh at all; a sample (class-batches: ``centroid_sample`` items
+  per class): only those, handed to ``refresh`` as a :class:`Snapshot` without an index;
 * ``batches(epoch, rng)``: the epoch's global batches, arrays of indices (into the training items, or into the
   recipe's tuples); under torchrun the loop gives each rank its share of every batch;
 * ``loss(model, batch)``: ``(loss, terms)`` of one batch (a rank's share): ``terms`` (t,) feed the epoch's
@@ -40,23 +44,28 @@ from hardneg.trainer.timing import NO_TIMER, PhaseTimer
 # Purposes of the per-epoch random streams (hardneg.trainer.refresh.seed_for): the loop's shuffle (passed to
 # Recipe.batches), random tuples, the global miner's seed, self-supervised views and batches.
 SHUFFLE, RANDOM_TUPLES, MINING, AUGMENT, SSL_BATCHES = range(5)
+CENTROIDS = 5  # the items a refresh without a snapshot embeds for class centroids
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A snapshot the loop has just published, for the epochs from ``epoch`` on.
+    """A snapshot the loop has just published, for the epochs from ``epoch`` on, or a sample's embeddings.
 
     ``index`` is its index (on every rank); ``embeddings`` (n, d) the training items' embeddings as the model
     gave them, row ``i`` = item ``i`` (in one process and on rank 0; None on the other ranks). With a sharded
     index (``--shard-index``), ``shard`` is this rank's :class:`~hardneg.trainer.sharded_index.IndexShard`,
     ``index`` holds this rank's items only and ``embeddings`` is None: a recipe mines through the shard.
+
+    A refresh that publishes nothing (:meth:`Recipe.refresh_items` gave a sample) has no ``name`` and no
+    ``index``; ``embeddings`` (m, d) are then those of the training items ``items`` (m,), on every rank.
     """
 
-    name: str
-    index: VectorIndex
+    name: str | None
+    index: VectorIndex | None
     embeddings: np.ndarray | None
     epoch: int
     shard: Any = None
+    items: np.ndarray | None = None  # None: every item (row i = item i)
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,11 @@ class Recipe(ABC):
 
     def refresh(self, model: nn.Module, snapshot: Snapshot) -> dict[str, Any] | None:
         """Take what the coming epochs need from ``snapshot``; the statistics to record (default: nothing)."""
+        return None
+
+    def refresh_items(self, epoch: int) -> np.ndarray | None:
+        """The training items (m,) whose embeddings :meth:`refresh` needs before ``epoch`` when no snapshot is
+        published: None: every item, in a snapshot's index; empty: none (no refresh). See the module docstring."""
         return None
 
     def batches(self, epoch: int, rng: np.random.Generator) -> Sequence[np.ndarray]:

@@ -1,7 +1,9 @@
 """``class-batches``: global mining at the class level (Suh et al. 2019; Harwood et al. 2017).
 
 Each refresh finds every class's nearest classes by centroid distance in the snapshot
-(:func:`~hardneg.trainer.batching.confusable_classes`); until the next one, every batch is a class drawn
+(:func:`~hardneg.trainer.batching.confusable_classes`), or, in a refresh that publishes no snapshot
+(``publish_every``), in the embeddings of ``centroid_sample`` items of each class, drawn per refresh from the
+seeded stream of (seed, epoch); until the next one, every batch is a class drawn
 uniformly (or, with ``seed_hardness`` > 0, the more often the closer its nearest classes lie) and its P - 1
 nearest classes, K items of each, mined in-batch (semi-hard by default). Before the first snapshot the
 warm-up trains (:class:`~hardneg.trainer.recipes.warmup.Warmup`). With ``exclude_suspects`` each refresh
@@ -17,14 +19,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from hardneg.miner.distances import COSINE
 from hardneg.trainer.batching import (
     ConfusableClassBatches, centroid_seed_weights, centroid_stats, check_class_batches, class_neighbours,
-    composition_stats, confusable_classes, seed_weights,
+    class_sample, composition_stats, confusable_classes, seed_weights,
 )
 from hardneg.trainer.inbatch import TripletMiner
-from hardneg.trainer.recipes.base import Epoch, ItemBatches, RecipeContext, Snapshot
+from hardneg.trainer.recipes.base import CENTROIDS, Epoch, ItemBatches, RecipeContext, Snapshot
 from hardneg.trainer.recipes.settings import ClassBatchesSettings
 from hardneg.trainer.recipes.warmup import SnapshotRecipe
+from hardneg.trainer.refresh import seed_for
 from hardneg.trainer.suspects import KeptItems, suspects_of
 
 
@@ -47,24 +51,42 @@ class ClassBatches(SnapshotRecipe):
     def refresh(self, model: nn.Module, snapshot: Snapshot) -> dict[str, Any]:
         from hardneg.miner.mining.miner import stored_vectors
 
+        p = self.ctx.cfg.batch_size // self.settings.per_class
         if snapshot.shard is not None:  # a sharded index: centroids from the ranks' per-class sums
             classes, centroids = snapshot.shard.class_centroids()
-            self.neighbours = class_neighbours(classes, centroids, self.ctx.cfg.batch_size // self.settings.per_class)
+            self.neighbours = class_neighbours(classes, centroids, p)
             if self.settings.seed_hardness > 0:
                 self.seed_weights = centroid_seed_weights(classes, centroids, self.neighbours,
                                                           self.settings.seed_hardness)
             return centroid_stats(classes, centroids, self.neighbours)
+        if snapshot.index is None:  # a sample's embeddings (refresh_items), prepared as a cosine snapshot stores them
+            assert snapshot.embeddings is not None and snapshot.items is not None
+            vectors, labels = COSINE.prepare(snapshot.embeddings), self.ctx.data.labels[snapshot.items]
+            self.neighbours = confusable_classes(vectors, labels, p)
+            self._weigh_seeds(vectors, labels)
+            return {**composition_stats(vectors, labels, self.neighbours), "centroid_items": len(snapshot.items)}
         index, fraction = snapshot.index, self.ctx.cfg.exclude_suspects
         vectors, labels = stored_vectors(index), index.labels
         if fraction is not None:
             excluded = suspects_of(index, fraction, self.ctx.dist)
             keep = ~np.isin(index.ids, excluded)
             vectors, labels, self.kept = vectors[keep], labels[keep], np.sort(index.ids[keep])
-        self.neighbours = confusable_classes(vectors, labels, self.ctx.cfg.batch_size // self.settings.per_class)
-        if self.settings.seed_hardness > 0:
-            self.seed_weights = seed_weights(vectors, labels, self.neighbours, self.settings.seed_hardness)
+        self.neighbours = confusable_classes(vectors, labels, p)
+        self._weigh_seeds(vectors, labels)
         stats = composition_stats(vectors, labels, self.neighbours)
         return stats if fraction is None else {**stats, "suspects_excluded": len(excluded)}
+
+    def refresh_items(self, epoch: int) -> np.ndarray | None:
+        """``centroid_sample`` items of each class, seeded by (seed, epoch); None (every item, in a snapshot)
+        without a sample or when suspects are excluded (they come from the snapshot's index)."""
+        if self.settings.centroid_sample is None or self.ctx.cfg.exclude_suspects is not None:
+            return None
+        rng = np.random.default_rng(seed_for(self.ctx.cfg.seed, epoch, CENTROIDS))
+        return class_sample(self.ctx.data.labels, self.settings.centroid_sample, rng)
+
+    def _weigh_seeds(self, vectors: np.ndarray, labels: np.ndarray) -> None:
+        if self.settings.seed_hardness > 0:
+            self.seed_weights = seed_weights(vectors, labels, self.neighbours, self.settings.seed_hardness)
 
     def plan(self, epoch: int) -> Epoch:
         if self.neighbours is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from hardneg.trainer.inbatch import TripletMiner, make_inbatch_miner
 from hardneg.trainer.recipes.base import Epoch, Recipe, RecipeContext
 from hardneg.trainer.recipes.settings import InBatchSettings
@@ -21,3 +23,6 @@ class InBatch(Recipe):
 
     def plan(self, epoch: int) -> Epoch:
         return self.batches_
+
+    def refresh_items(self, epoch: int) -> np.ndarray:
+        return np.empty(0, np.int64)  # reads no snapshot: a refresh that publishes none has nothing to do
