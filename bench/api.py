@@ -82,9 +82,18 @@ class Client:
         self.conn = http.client.HTTPConnection(host, int(port), timeout=60)
 
     def post(self, body: bytes) -> tuple[int, bytes]:
-        self.conn.request("POST", "/neighbors", body, {"content-type": "application/json"})
-        r = self.conn.getresponse()
-        return r.status, r.read()
+        for attempt in (0, 1):
+            try:
+                self.conn.request("POST", "/neighbors", body, {"content-type": "application/json"})
+                r = self.conn.getresponse()
+                return r.status, r.read()
+            except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+                # The server closes connections idle past its keep-alive time (e.g. while the other clients
+                # warm up on a slow batch); open a new one once.
+                self.conn.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         self.conn.close()
