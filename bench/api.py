@@ -3,13 +3,18 @@
 For a 100k x 64 ``flat`` and a 100k x 64 ``hnsw`` snapshot it starts ``hardneg serve`` in a
 subprocess and measures, for batches of 1 and of 256 query vectors (k = 10):
 
-* HTTP: several concurrent keep-alive clients (threads) POST /neighbors for a fixed time;
-* in-process: one loop calling ``VectorIndex.search`` on the same snapshot, loaded here.
+* HTTP latency: one keep-alive client sending requests one after another (an unloaded server),
+  p50/p99 per request;
+* HTTP throughput: several concurrent keep-alive clients (threads) for a fixed time, queries per
+  second, and the server process's CPU time per request (from ``/proc``);
+* in-process: one loop calling ``VectorIndex.search`` on the same snapshot, loaded here: p50/p99,
+  queries per second and CPU time per call.
 
-It prints p50/p99 latency per request and queries per second for both, and the ratio
-HTTP throughput / in-process throughput (goal at batch 256: >= 0.8). Request bodies are
-encoded before timing and responses are not decoded inside the timed loop, so the
-clients' own JSON work does not compete with the server for the cores more than needed.
+It prints the ratio HTTP throughput / in-process throughput (goal at batch 256: >= 0.8) and the
+HTTP p50 latency over the in-process p50 (goal at batch 1: <= +1 ms). The clients use the
+standard library's ``http.client`` with request bodies encoded before timing, and do not decode
+responses inside the timed loop, so that their own work competes with the server for the cores as
+little as possible.
 
 Usage: ``python bench/api.py [--quick] [--seconds S] [--clients C]``
 """
@@ -17,6 +22,7 @@ Usage: ``python bench/api.py [--quick] [--seconds S] [--clients C]``
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import socket
@@ -46,6 +52,7 @@ class Measure:
     latencies: list[float]
     queries: int
     elapsed: float
+    cpu: float = float("nan")  # CPU seconds spent (by the server for HTTP, by this process in-process)
 
     @property
     def qps(self) -> float:
@@ -53,6 +60,43 @@ class Measure:
 
     def pct(self, q: float) -> float:
         return float(np.percentile(self.latencies, q)) * 1e3
+
+    @property
+    def cpu_ms(self) -> float:
+        """CPU milliseconds per request (or call)."""
+        return self.cpu / len(self.latencies) * 1e3
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc/PID/stat``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Client:
+    """One keep-alive HTTP/1.1 connection that POSTs pre-encoded JSON bodies to /neighbors."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=60)
+
+    def post(self, body: bytes) -> tuple[int, bytes]:
+        for attempt in (0, 1):
+            try:
+                self.conn.request("POST", "/neighbors", body, {"content-type": "application/json"})
+                r = self.conn.getresponse()
+                return r.status, r.read()
+            except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+                # The server closes connections idle past its keep-alive time (e.g. while the other clients
+                # warm up on a slow batch); open a new one once.
+                self.conn.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 def make_data(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -98,41 +142,63 @@ class Server:
         self._log.close()
 
 
-def bench_http(url: str, bodies: list[bytes], batch: int, clients: int, seconds: float) -> Measure:
+def bench_latency(server: "Server", bodies: list[bytes], batch: int, seconds: float) -> Measure:
+    """One client sending ``bodies`` round-robin, one request at a time, for ``seconds``: unloaded latency."""
+    c = Client(server.url)
+    try:
+        c.post(bodies[0])  # connect + warm up
+        lat = []
+        cpu0, t_start = process_cpu(server.proc.pid), time.perf_counter()
+        while time.perf_counter() - t_start < seconds:
+            t0 = time.perf_counter()
+            status, text = c.post(bodies[len(lat) % len(bodies)])
+            lat.append(time.perf_counter() - t0)
+            if status != 200:
+                raise RuntimeError(f"HTTP {status} during the benchmark: {text[:200]!r}")
+        elapsed = time.perf_counter() - t_start
+        return Measure(lat, len(lat) * batch, elapsed, process_cpu(server.proc.pid) - cpu0)
+    finally:
+        c.close()
+
+
+def bench_http(server: "Server", bodies: list[bytes], batch: int, clients: int, seconds: float) -> Measure:
     """``clients`` threads POST pre-encoded ``bodies`` round-robin for ``seconds``."""
     lat: list[list[float]] = [[] for _ in range(clients)]
     errors: list[str] = []
     start_gate = threading.Barrier(clients + 1)
-    headers = {"content-type": "application/json"}
 
     def worker(i: int) -> None:
-        with httpx.Client(base_url=url, timeout=60) as c:
-            c.post("/neighbors", content=bodies[i % len(bodies)], headers=headers)  # connect + warm up
+        c = Client(server.url)
+        try:
+            c.post(bodies[i % len(bodies)])  # connect + warm up
             start_gate.wait()
             j = i
             while time.perf_counter() < deadline:
                 t0 = time.perf_counter()
-                r = c.post("/neighbors", content=bodies[j % len(bodies)], headers=headers)
+                status, text = c.post(bodies[j % len(bodies)])
                 lat[i].append(time.perf_counter() - t0)
-                if r.status_code != 200:
-                    errors.append(r.text[:200])
+                if status != 200:
+                    errors.append(f"{status} {text[:200]!r}")
                     return
                 j += clients
+        finally:
+            c.close()
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
     deadline = float("inf")
     start_gate.wait()
-    t0 = time.perf_counter()
+    cpu0, t0 = process_cpu(server.proc.pid), time.perf_counter()
     deadline = t0 + seconds
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t0
+    cpu = process_cpu(server.proc.pid) - cpu0
     if errors:
         raise RuntimeError(f"HTTP errors during the benchmark: {errors[:3]}")
     flat = [x for per in lat for x in per]
-    return Measure(flat, len(flat) * batch, elapsed)
+    return Measure(flat, len(flat) * batch, elapsed, cpu)
 
 
 def bench_inprocess(index: VectorIndex, queries: np.ndarray, batch: int, seconds: float, threads: int) -> Measure:
@@ -140,7 +206,7 @@ def bench_inprocess(index: VectorIndex, queries: np.ndarray, batch: int, seconds
     faiss.omp_set_num_threads(threads)
     index.search(queries[:batch], K)  # warm up
     lat = []
-    t_start = time.perf_counter()
+    cpu0, t_start = time.process_time(), time.perf_counter()
     i = 0
     while time.perf_counter() - t_start < seconds:
         lo = (i * batch) % (len(queries) - batch + 1)
@@ -148,7 +214,7 @@ def bench_inprocess(index: VectorIndex, queries: np.ndarray, batch: int, seconds
         index.search(queries[lo:lo + batch], K)
         lat.append(time.perf_counter() - t0)
         i += 1
-    return Measure(lat, len(lat) * batch, time.perf_counter() - t_start)
+    return Measure(lat, len(lat) * batch, time.perf_counter() - t_start, time.process_time() - cpu0)
 
 
 def check_same(url: str, index: VectorIndex, queries: np.ndarray) -> None:
@@ -174,6 +240,7 @@ def main() -> int:
     seconds = args.seconds or (1.0 if args.quick else 3.0)
     cores = available_cores()
     x, y, q = make_data(n, args.dim)
+    print(f"load average at the start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"hardneg api benchmark: n={n} dim={args.dim} k={K}, {args.clients} HTTP clients, {seconds:.1f} s per "
           f"measurement, {cores} cores (server: {cores} lanes x 1 FAISS thread; in-process: the faster of "
           f"1 and {cores} FAISS threads)", flush=True)
@@ -191,25 +258,29 @@ def main() -> int:
                 for batch in (1, 256):
                     bodies = [json.dumps({"vectors": q[i:i + batch].tolist(), "k": K}).encode()
                               for i in range(0, min(len(q), 64 * batch), batch)]
-                    http = bench_http(server.url, bodies, batch, args.clients, seconds)
+                    latency = bench_latency(server, bodies, batch, seconds)
+                    http = bench_http(server, bodies, batch, args.clients, seconds)
                     # The baseline is the faster of 1 FAISS thread and all cores: on a shared machine OpenMP's
                     # spinning threads can make the "obvious" all-cores loop slower, which would flatter HTTP.
                     tries = {t: bench_inprocess(index, q, batch, seconds / 2, t) for t in sorted({1, cores})}
                     best = max(tries, key=lambda t: tries[t].qps)
                     local = tries[best]
-                    rows.append((kind, batch, http, local, best))
+                    rows.append((kind, batch, latency, http, local, best))
                     print(f"  {kind} batch {batch}: HTTP {http.qps:,.0f} q/s, in-process "
                           + ", ".join(f"{m.qps:,.0f} q/s with {t} thread(s)" for t, m in tries.items()), flush=True)
             finally:
                 server.close()
+    print(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print()
-    print(f"{'index':<6} {'batch':>5} | {'HTTP p50 ms':>11} {'p99 ms':>8} {'queries/s':>10} | "
-          f"{'in-proc p50':>11} {'p99 ms':>8} {'queries/s':>10} {'thr':>3} | {'HTTP/in-proc':>12}")
-    for kind, batch, http, local, threads in rows:
-        goal = "  (goal >= 0.8)" if batch == 256 else ""
-        print(f"{kind:<6} {batch:>5} | {http.pct(50):>11.2f} {http.pct(99):>8.2f} {http.qps:>10,.0f} | "
-              f"{local.pct(50):>11.2f} {local.pct(99):>8.2f} {local.qps:>10,.0f} {threads:>3} | "
-              f"{http.qps / local.qps:>12.2f}{goal}")
+    print(f"{'':<12} | {'HTTP, 1 client':^23} | {f'HTTP, {args.clients} clients':^21} | {'in-process':^37} |")
+    print(f"{'index':<6} {'batch':>5} | {'p50 ms':>7} {'p99 ms':>7} {'CPU ms':>7} | {'queries/s':>10} {'CPU ms':>10} | "
+          f"{'p50 ms':>7} {'p99 ms':>7} {'queries/s':>10} {'CPU ms':>6} {'thr':>3} | {'p50 over':>8} {'q/s ratio':>9}")
+    for kind, batch, latency, http, local, threads in rows:
+        goal = "  (goal >= 0.8)" if batch == 256 else "  (goal <= +1 ms)"
+        print(f"{kind:<6} {batch:>5} | {latency.pct(50):>7.2f} {latency.pct(99):>7.2f} {latency.cpu_ms:>7.2f} | "
+              f"{http.qps:>10,.0f} {http.cpu_ms:>10.2f} | {local.pct(50):>7.2f} {local.pct(99):>7.2f} "
+              f"{local.qps:>10,.0f} {local.cpu_ms:>6.2f} {threads:>3} | {latency.pct(50) - local.pct(50):>+8.2f} "
+              f"{http.qps / local.qps:>9.2f}{goal}")
     return 0
 
 

@@ -81,6 +81,20 @@ class ApiKeyMiddleware:
         return offered
 
 
+def replay_body(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that yields the whole ``body`` once, then defers to ``receive`` (for the disconnect)."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 class BodyLimitMiddleware:
     """413 when ``Content-Length`` exceeds ``max_bytes``, or when a streamed (chunked) body grows past it.
 
@@ -113,17 +127,7 @@ class BodyLimitMiddleware:
                 return
             if not message.get("more_body", False):
                 break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replay_body(b"".join(chunks), receive), send)
 
     async def _too_large(self, send: Send, what: str) -> None:
         await _send_json(send, 413, f"request body is {what}; at most {self.max_bytes} bytes are accepted "

@@ -20,7 +20,9 @@ from fastapi.responses import JSONResponse
 
 from hardneg import __version__
 from hardneg.api.deps import require_api_key
-from hardneg.api.limits import ApiKeyMiddleware, BodyLimitMiddleware, TooManyResultsError
+from hardneg.api.errors import ERROR_STATUS, error_headers
+from hardneg.api.fastlane import NeighborsFastLane
+from hardneg.api.limits import ApiKeyMiddleware, BodyLimitMiddleware
 from hardneg.api.metrics import ApiMetrics, MetricsMiddleware
 from hardneg.api.reloader import Reloader
 from hardneg.api.audits import AuditCache
@@ -28,15 +30,12 @@ from hardneg.api.routes import audit, drift, health, items, mine, neighbors, sna
 from hardneg.api.routes import metrics as metrics_route
 from hardneg.api.search import SearchLanes
 from hardneg.api.settings import Settings
-from hardneg.api.state import NotReadyError, SnapshotState
-from hardneg.miner.errors import NotFoundError, SnapshotError, ValidationError
+from hardneg.api.state import SnapshotState
+from hardneg.miner.errors import ValidationError
 from hardneg.miner.store import SnapshotStore
 
 log = logging.getLogger(__name__)
 
-# Library errors -> HTTP status; each message already says what is accepted.
-_STATUS = ((ValidationError, 400), (TooManyResultsError, 413), (NotFoundError, 404), (SnapshotError, 409),
-           (NotReadyError, 503))
 # Routes that never need the API key: orchestrators' probes.
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
@@ -85,10 +84,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router, dependencies in routers:
         app.include_router(router, dependencies=dependencies)
 
-    for exc_type, code in _STATUS:
+    for exc_type, code in ERROR_STATUS:
         app.add_exception_handler(exc_type, _error_handler(code))
     # Each add wraps the previous: metrics (outermost, so they count the 401s and 413s too), then the key,
-    # checked before the body limit reads a byte of the body.
+    # checked before the body limit reads a byte of the body, then the /neighbors fast lane (innermost).
+    post_neighbors = next(r for r in neighbors.router.routes if r.path == "/neighbors" and "POST" in r.methods)
+    app.add_middleware(NeighborsFastLane, settings=settings, state=app.state.snapshots, lanes=app.state.lanes,
+                       route=post_neighbors)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     api_key = settings.api_key.get_secret_value().encode() if settings.api_key is not None else None
     open_paths = OPEN_PATHS | ui.UI_PATHS | ({"/metrics"} if settings.metrics_open else set())
@@ -101,7 +103,6 @@ def _error_handler(code: int) -> Callable[[Request, Exception], Awaitable[JSONRe
     """An exception handler answering ``code`` with ``{"detail": message}``."""
 
     async def handler(request: Request, exc: Exception) -> JSONResponse:
-        headers = {"Retry-After": "1"} if code == 503 else None
-        return JSONResponse({"detail": str(exc)}, status_code=code, headers=headers)
+        return JSONResponse({"detail": str(exc)}, status_code=code, headers=error_headers(code))
 
     return handler

@@ -4,10 +4,15 @@ FAISS releases the GIL, so searches run on worker threads, at most ``search_lane
 at a time, each with ``faiss_threads`` OpenMP threads: lanes x threads stays within
 the cores instead of every request spawning a full OpenMP team (oversubscription
 makes p99 latency collapse under concurrent load).
+
+A small search (:func:`runs_inline`: one unfiltered query on 100k x 64 flat, or a few on HNSW) runs on the
+event loop instead: the two thread hand-offs of a lane (there and back) cost more than it does, and on a
+busy machine each waits for the scheduler, which made most of a single query's latency over HTTP.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -20,12 +25,18 @@ import pydantic_core
 from hardneg.api.limits import check_result_count
 from hardneg.api.schemas import NeighborsRequest
 from hardneg.api.settings import Settings
-from hardneg.api.state import ServedSnapshot
+from hardneg.api.state import ServedSnapshot, SnapshotState
 from hardneg.miner.errors import ValidationError
-from hardneg.miner.index import SearchParams, SearchResult
+from hardneg.miner.index import SearchParams, SearchResult, VectorIndex
 
 T = TypeVar("T")
 QUERY_FIELDS = ("vectors", "ids", "inputs")
+# Most multiply-adds a search may take to run on the event loop (~1 ms on one core here): one query on a
+# 100k x 64 flat index (6.4M) runs inline, a batch of 256 on a lane. Blocking the loop that long costs
+# other connections less than the hand-offs of a lane cost the query.
+INLINE_WORK = 1 << 23
+# HNSW: vectors compared per query, per unit of efSearch (level 0 links of HNSW32: 2 x 32).
+_HNSW_VISITS_PER_EF = 64
 
 
 class SearchLanes:
@@ -35,7 +46,10 @@ class SearchLanes:
         self.limiter = anyio.CapacityLimiter(lanes)
         self.omp_threads = omp_threads
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run(self, fn: Callable[..., T], *args: Any, inline: bool = False) -> T:
+        """``fn(*args)`` on a lane thread, or on the calling (event loop) thread when ``inline`` (small work only)."""
+        if inline:
+            return self._in_lane(fn, *args)
         return await anyio.to_thread.run_sync(self._in_lane, fn, *args, limiter=self.limiter)
 
     def _in_lane(self, fn: Callable[..., T], *args: Any) -> T:
@@ -64,6 +78,36 @@ def check_request(req: NeighborsRequest, settings: Settings) -> None:
     if req.labels is not None and len(req.labels) != n:
         raise ValidationError(f"labels has {len(req.labels)} entries but there are {n} queries; give one label "
                               "per query")
+
+
+async def answer_neighbors(req: NeighborsRequest, settings: Settings, state: SnapshotState, lanes: SearchLanes) -> bytes:
+    """The JSON body answering ``POST /neighbors`` with ``req``; library errors propagate (see hardneg.api.errors)."""
+    check_request(req, settings)
+    snap = await state.resolve(req.snapshot)  # grabbed once: a reload meanwhile does not touch this request
+    return await lanes.run(search_neighbors, snap, req, inline=runs_inline(snap.index, req))
+
+
+def runs_inline(index: VectorIndex, req: NeighborsRequest) -> bool:
+    """Whether ``req`` is small enough to search on the event loop: at most :data:`INLINE_WORK` estimated
+    multiply-adds, queries by vectors or ids (not model inputs) and no filter (filters can widen a search)."""
+    if req.inputs is not None or req.different_label or req.label_in or req.label_not_in or req.exclude_ids:
+        return False
+    n = len(req.vectors if req.vectors is not None else req.ids or ())
+    return n * _work_per_query(index, req) <= INLINE_WORK
+
+
+def _work_per_query(index: VectorIndex, req: NeighborsRequest) -> int:
+    """Estimated multiply-adds of one unfiltered query: every vector on flat (and unknown kinds), the probed lists
+    plus the coarse quantizer on IVF, efSearch x the level-0 links on HNSW."""
+    visited = index.count
+    ivf = faiss.try_extract_index_ivf(index.index)
+    if ivf is not None:
+        nprobe = min(req.nprobe or index.spec.nprobe or ivf.nprobe, ivf.nlist)
+        visited = ivf.nlist + math.ceil(index.count * nprobe / ivf.nlist)
+    elif isinstance(index.index, faiss.IndexHNSW):
+        visited = min(index.count, _HNSW_VISITS_PER_EF * (req.ef_search or index.spec.ef_search or
+                                                          index.index.hnsw.efSearch))
+    return visited * index.dim
 
 
 def search_neighbors(snap: ServedSnapshot, req: NeighborsRequest) -> bytes:

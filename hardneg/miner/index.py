@@ -71,15 +71,19 @@ class IndexSpec:
 
 def ivf_lists(n: int) -> tuple[int, int]:
     """The ``ivf`` kind's ``(nlist, nprobe)`` for ``n`` vectors: ``nlist = sqrt(n)`` (at most ``n / 39``: k-means
-    wants >= 39 training points per list) and ``nprobe = max(8, ceil(nlist / 16))`` (at most ``nlist``).
+    wants >= 39 training points per list) and ``nprobe = max(8, ceil(nlist ** 0.6))`` (at most ``nlist``).
 
-    Chosen for mining, where the work is the scan of the probed lists (about ``n / 16`` items per anchor
-    whatever ``nlist``): fewer, larger lists keep each list's matrix product large, make k-means 16x
-    cheaper than FAISS's ``4 sqrt(n)`` rule of thumb, and on clustered data reach a hardest-negative recall
-    of 0.968 at N = 1M (0.926 at 100k) (docs/benchmarks.md, "Scale"). Serving searches also visit ``n / 16`` items.
+    Chosen for mining, where the work is the scan of the probed lists: fewer, larger lists keep each list's
+    matrix product large and make k-means 16x cheaper than FAISS's ``4 sqrt(n)`` rule of thumb. An anchor
+    scans a share ``nlist ** -0.4 = n ** -0.2`` of the items: 1/10 at 100k (32 of 316 lists), 1/16 at 1M
+    (64 of 1,000), 1/25 at 10M. A fixed share of 1/16 reached a hardest-negative recall of 0.968 at 1M but
+    0.926 at 100k on clustered data, where the anchor's own class (~1,000 items) fills more of the nearest
+    lists; the rule gives 0.968 at both (docs/benchmarks.md, "Scale"). Mining searches deeper than the
+    hardest negative probe more lists (:func:`hardneg.miner.mining.search.mining_nprobe`). Serving searches
+    use ``nprobe`` as it is.
     """
     nlist = max(1, min(round(math.sqrt(n)), n // 39))
-    return nlist, max(1, min(nlist, max(8, math.ceil(nlist / 16))))
+    return nlist, max(1, min(nlist, max(8, math.ceil(nlist ** 0.6))))
 
 
 @dataclass(frozen=True)

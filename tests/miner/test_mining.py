@@ -480,6 +480,33 @@ def test_ivf_label_aware_list_major_search_equals_reference(metric: str, factory
     assert 0 < widened < vi.count, "some anchors, not all, should need more lists than nprobe"
 
 
+def test_ivf_mining_probes_more_lists_for_deeper_searches() -> None:
+    """Without a caller's nprobe, a search for k candidates probes nprobe x (1 + log2(k) / 10) lists (hand-computed
+    here), by the reference loop; a caller's nprobe is used as given."""
+    assert [mining_search.mining_nprobe(64, k, 1000) for k in (1, 2, 64)] == [64, math.ceil(64 * 1.1), 103]
+    assert mining_search.mining_nprobe(64, 1 << 20, 80) == 80 and mining_search.mining_nprobe(None, 64, 80) is None
+    vectors, labels, ids = _clusters(n=600, n_classes=5, seed=46)
+    vi = VectorIndex.build(vectors, labels, ids, metric="l2", index="ivf")
+    ivf = faiss.extract_index_ivf(vi.index)
+    assert (ivf.nlist, vi.spec.nprobe) == (15, 8)
+    k, deeper = 20, math.ceil(8 * (1 + math.log2(20) / 10))  # 12 lists
+    lists_info = mining_ivf.inverted_lists(vi)
+    lists = [[int(r) for r in lists_info.rows[lists_info.bounds[c]:lists_info.bounds[c + 1]]] for c in range(ivf.nlist)]
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist).astype(np.float64)
+    xv = vi.index.reconstruct_n(0, vi.count)
+    anchors = np.arange(0, vi.count, 5)
+    default = mining_search.wrong_label_knn(vi, xv, anchors, k)[0]
+    given = mining_search.wrong_label_knn(vi, xv, anchors, k, SearchParams(nprobe=8))[0]
+    changed = 0
+    for i, a in enumerate(anchors.tolist()):
+        want = ref_ivf_knn(xv.astype(np.float64), vi.labels, lists, centroids, a, k, deeper, "l2")[0]
+        assert default[i][default[i] >= 0].tolist() == want, f"row {a}"
+        shallow = ref_ivf_knn(xv.astype(np.float64), vi.labels, lists, centroids, a, k, 8, "l2")[0]
+        assert given[i][given[i] >= 0].tolist() == shallow, f"row {a}"
+        changed += want != shallow
+    assert changed > 0, "the deeper probe should change some anchors' candidates"
+
+
 @pytest.mark.parametrize("kind,params", [("ivf", SearchParams(nprobe=1000)), ("hnsw", SearchParams(ef_search=400))])
 @pytest.mark.parametrize("strategy", ["hardest", "semihard"])
 def test_approximate_indexes_with_full_search_equal_reference(kind: str, params: SearchParams, strategy: str) -> None:

@@ -10,7 +10,7 @@ from hardneg.api.deps import LanesDep, SettingsDep, StateDep
 from hardneg.api.routes.errors import error_responses
 from hardneg.api.routing import FastJSONRoute
 from hardneg.api.schemas import INT64_MAX, INT64_MIN, NeighborsRequest, NeighborsResponse, SearchOptions
-from hardneg.api.search import check_request, search_neighbors
+from hardneg.api.search import answer_neighbors
 
 router = APIRouter(tags=["search"], responses=error_responses(400, 401, 404, 409, 413, 503),
                    route_class=FastJSONRoute)
@@ -18,11 +18,13 @@ router = APIRouter(tags=["search"], responses=error_responses(400, 401, 404, 409
 
 @router.post("/neighbors", response_model=NeighborsResponse, summary="Neighbours of a batch of queries")
 async def post_neighbors(body: NeighborsRequest, settings: SettingsDep, state: StateDep, lanes: LanesDep) -> Response:
-    """The ``k`` nearest admissible stored items of each query, nearest first, with squared Euclidean distances."""
-    check_request(body, settings)
-    snap = await state.resolve(body.snapshot)  # grabbed once: a reload meanwhile does not touch this request
+    """The ``k`` nearest admissible stored items of each query, nearest first, with squared Euclidean distances.
+
+    Well-formed JSON bodies are answered by :class:`~hardneg.api.fastlane.NeighborsFastLane` before they reach
+    this route, with the same code; this route answers the rest (its 422s) and documents the API.
+    """
     # response_model documents the body; search_neighbors has already encoded it (see its docstring).
-    return Response(await lanes.run(search_neighbors, snap, body), media_type="application/json")
+    return Response(await answer_neighbors(body, settings, state, lanes), media_type="application/json")
 
 
 @router.get("/neighbors/{item_id}", response_model=NeighborsResponse, summary="Neighbours of one stored item")
