@@ -20,12 +20,17 @@ import numpy as np
 import pytest
 import torch
 
+from hardneg.miner.index import VectorIndex
 from hardneg.miner.store import SnapshotStore
 from hardneg.trainer.async_refresh import RefreshRequest, RefreshWorker, RefreshWorkerDied, WorkerInputs, clone_weights
 from hardneg.trainer.config import TrainConfig
 from hardneg.trainer.data import load_splits
+from hardneg.trainer.refresh import embed_items
 from hardneg.trainer.loop import Parts, Trainer
+from hardneg.trainer.losses import make_loss
 from hardneg.trainer.models import build_model
+from hardneg.trainer.recipes import recipe_class
+from hardneg.trainer.recipes.base import RecipeContext, Snapshot, TrainData
 from hardneg.trainer.recipes.class_batches import ClassBatches
 
 pytestmark = pytest.mark.slow
@@ -104,25 +109,45 @@ def test_async_take_over_at_step_boundaries(tmp_path: Path) -> None:
     assert trainer.state.snapshot == store.latest_name()
 
 
-def _worker(tmp_path: Path) -> tuple[RefreshWorker, dict[str, torch.Tensor]]:
-    cfg = TrainConfig.from_dict({"store": str(tmp_path / "store"), "threads": 1})
+def _worker(tmp_path: Path, **changes: Any) -> tuple[RefreshWorker, dict[str, torch.Tensor], Any]:
+    """A refresh worker for the digits, the weights of an untrained model, and the in-process reference: the
+    state and statistics the recipe computes in this process from a snapshot of those weights."""
+    cfg = TrainConfig.from_dict({"store": str(tmp_path / "store"), "threads": 1, **changes})
     splits = load_splits(cfg)
+    torch.manual_seed(0)
     model, spec = build_model(cfg, splits.train.input_shape)
     x, y = torch.from_numpy(splits.train.x), torch.from_numpy(splits.train.y)
-    return RefreshWorker(WorkerInputs(cfg.to_dict(), spec, x, y, splits.train.y)), clone_weights(model)
+    worker = RefreshWorker(WorkerInputs(cfg.to_dict(), spec, x, y, splits.train.y))
+
+    def reference() -> tuple[dict[str, Any], Any]:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the worker embeds
+        try:
+            emb = embed_items(model, x, cfg.eval_batch_size)
+        finally:
+            torch.set_num_threads(threads)
+        index = VectorIndex.build(emb, splits.train.y, np.arange(len(emb)), metric="cosine", index=cfg.index,
+                                  seed=cfg.seed)
+        recipe = recipe_class(cfg.recipe.name)(RecipeContext(cfg, TrainData(x, y, splits.train.y),
+                                                             make_loss(cfg.loss, cfg.margin)))
+        return recipe.compute_refresh(Snapshot("reference", index, emb, 2))
+
+    return worker, clone_weights(model), reference
+
+
+def _same_state(got: dict[str, Any], want: dict[str, Any]) -> bool:
+    return got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_a_dead_worker_is_restarted_once_then_training_stops(tmp_path: Path) -> None:
-    worker, weights = _worker(tmp_path)
+    worker, weights, reference = _worker(tmp_path)
     try:
         worker.submit(RefreshRequest(7, 2, weights, {"epoch": 1}))
         os.kill(worker.process.pid, signal.SIGKILL)
         result = worker.wait()  # the restarted worker does the refresh it was doing
         assert worker.restarts == 1 and result is not None and result.step == 7
-        neighbours = result.state["neighbours"].numpy()
-        # 128 / 8 = 16 classes a batch, clipped to the 10 digits: each row is its class, then all the others
-        assert (neighbours[:, 0] == np.arange(10)).all()
-        assert (np.sort(neighbours, axis=1) == np.arange(10)).all()
+        state, stats = reference()  # rows: each class, then the others nearest first
+        assert _same_state(result.state, state) and result.stats == stats
         assert SnapshotStore(tmp_path / "store").verify(result.snapshot)["meta"]["epoch"] == 1
         worker.submit(RefreshRequest(9, 2, weights, {"epoch": 1}))
         os.kill(worker.process.pid, signal.SIGKILL)
@@ -132,8 +157,21 @@ def test_a_dead_worker_is_restarted_once_then_training_stops(tmp_path: Path) -> 
         worker.close(wait=False)
 
 
+def test_the_worker_mines_self_supervised_negatives_as_the_recipe_does(tmp_path: Path) -> None:
+    worker, weights, reference = _worker(tmp_path, recipe="simclr", ssl_skip=2)
+    try:
+        worker.submit(RefreshRequest(4, 2, weights, {"epoch": 1}))
+        result = worker.wait()
+        assert result is not None
+        state, stats = reference()
+        assert _same_state(result.state, state) and result.stats == stats
+        assert state["negatives"].shape[0] == 1347  # one row per training image
+    finally:
+        worker.close()
+
+
 def test_a_failing_refresh_stops_training_with_its_error(tmp_path: Path) -> None:
-    worker, weights = _worker(tmp_path)
+    worker, weights, _ = _worker(tmp_path)
     try:
         worker.submit(RefreshRequest(3, 2, {"no such weight": weights[next(iter(weights))]}, {"epoch": 1}))
         with pytest.raises(RefreshWorkerDied, match="(?s)step 3 failed.*Unexpected key"):
