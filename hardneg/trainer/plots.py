@@ -21,19 +21,17 @@ def plot_history(history: Sequence[dict[str, Any]], path: str | os.PathLike) -> 
     trained = [r for r in history if r.get("loss") is not None]
     ax_loss.plot([r["epoch"] for r in trained], [r["loss"] for r in trained], marker="o")
     spans = refresh_spans(history)
-    if spans is None:
-        for r in history:  # a refresh before this epoch: a new snapshot, or the recipe refreshed from a sample
-            if r.get("snapshot") is not None or r.get("mining") is not None:
-                ax_loss.axvline(r["epoch"], color="grey", alpha=0.3, linestyle="--")
-        title = "training loss (dashed: snapshot refresh)"
-    else:
-        for start, end in spans:
-            if end > start:
-                ax_loss.axvspan(start, end, color="tab:orange", alpha=0.15, linewidth=0)
-            else:
-                ax_loss.axvline(start, color="grey", alpha=0.3, linestyle="--")
-        title = "training loss (shaded: refresh from the weights' step to the take-over)"
-    ax_loss.set(title=title, xlabel="epoch", ylabel="mean loss")
+    if spans is None:  # older records: a new snapshot, or the recipe refreshed from a sample, before the epoch
+        spans = [(r["epoch"], r["epoch"]) for r in history
+                 if r.get("snapshot") is not None or r.get("mining") is not None]
+    for start, end in spans:
+        if end > start:  # asynchronous: from the step of its weights to the step of the take-over
+            ax_loss.axvspan(start, end, color="tab:orange", alpha=0.15, linewidth=0)
+        else:
+            ax_loss.axvline(start, color="grey", alpha=0.3, linestyle="--")
+    shaded = any(end > start for start, end in spans)
+    ax_loss.set(title=f"training loss ({'shaded: a refresh in flight' if shaded else 'dashed: refresh'})",
+                xlabel="epoch", ylabel="mean loss")
     for key, label in PLOTTED_METRICS.items():
         points = [(r["epoch"], r["metrics"][key]) for r in history if key in r.get("metrics", {})]
         if points:
