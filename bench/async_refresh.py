@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import resource
 import sys
@@ -125,8 +126,8 @@ def summarise(records: Sequence[Record], epochs: int) -> dict[str, Any]:
     for task in dict.fromkeys(r.protocol for r in records):
         recs = [r for r in records if r.protocol == task]
         methods = list(dict.fromkeys(r.method for r in recs))
-        budgets = {clock: [round(f * min(with_clock(r, clock).seconds[-1] for r in recs), 2) for f in (0.5, 1.0)]
-                   for clock in ("wall", "cpu")}
+        budgets = {clock: [math.floor(f * min(with_clock(r, clock).seconds[-1] for r in recs) * 100) / 100
+                           for f in (0.5, 1.0)] for clock in ("wall", "cpu")}  # never past a run's end
         rows = []
         for m in methods:
             runs = [r for r in recs if r.method == m]
@@ -180,6 +181,9 @@ def _cell(c: dict[str, float], digits: int = 3) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                   help="summarise the runs of these results files (of the same --epochs) instead of training")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--tasks", default="pairs,triples", help=f"comma-separated, of: {', '.join(TASKS)}")
     p.add_argument("--steps", type=int, default=0, help="refresh every N steps (default: a third of an epoch)")
@@ -193,20 +197,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     loop.plot_history = lambda history, path: None  # outside the clock, and not needed here
     started, cpu0 = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF).ru_utime
     records: list[Record] = []
+    if args.merge:
+        records = [Record(**r) for f in args.merge for r in json.loads(f.read_text())["runs"]]
+        args.tasks = ""
     with tempfile.TemporaryDirectory(prefix="hardneg-async-") as tmp:
-        for task in args.tasks.split(","):
+        for task in filter(None, args.tasks.split(",")):
             sizes = TASKS[task]
             files = make_digit_task(Path(tmp) / task, sizes)
             train, evaluate = (str(f) for f in files[PROTOCOL])
             steps = args.steps or max(1, sizes.classes * sizes.train_per_class_samples // 128 // 3)
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 for method in args.methods.split(","):
                     rec = run_one(Spec(method, task, seed, args.epochs, steps, train, evaluate, tmp))
                     records.append(rec)
                     log.info("%-8s %-8s seed %d: MAP@R %.3f, %.2f s wall, %.2f s CPU (refresh every %d steps)",
                              task, method, seed, rec.metrics["map_at_r"][-1], rec.wall_seconds[-1],
                              rec.cpu_seconds[-1], steps)
-    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    load = (", ".join(json.loads(f.read_text())["load_average"] for f in args.merge) if args.merge else
+            " / ".join(f"{x:.1f}" for x in os.getloadavg()))
     summary = summarise(records, args.epochs)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "async_refresh.json").write_text(json.dumps(
