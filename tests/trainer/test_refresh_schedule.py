@@ -8,6 +8,7 @@ first refresh at the first step after the warm-up epochs, then one every N steps
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,27 @@ def test_async_refusals() -> None:
 
     with pytest.raises(ValidationError, match="registered recipe 'class-batches'"):
         _check_async(cfg, DistContext(), Parts(recipe=Other))  # type: ignore[arg-type]
+
+
+
+def test_publish_every_counts_epoch_refreshes_only() -> None:
+    with pytest.raises(ValidationError, match=r"publish_every \(2\) counts refreshes by epochs"):
+        TrainConfig.from_dict({"refresh_every_steps": 5, "publish_every": 2})
+    cfg = TrainConfig.from_dict({"refresh_every_steps": 5})  # refresh_every is None: no epoch publishes, no crash
+    assert not any(cfg.is_publish_epoch(e) for e in range(1, 12))
+    by_epochs = TrainConfig.from_dict({"refresh_every": 1, "publish_every": 2, "warmup_epochs": 1, "epochs": 8})
+    assert [e for e in range(1, 9) if by_epochs.is_publish_epoch(e)] == [2, 4, 6, 8]
+
+
+@pytest.mark.parametrize(("option", "named"), [({"publish_every": 2}, "publish_every > 1"),
+                                               ({"refresh_on_drift": 0.1}, "refresh_on_drift"),
+                                               ({"shard_index": "on"}, "shard_index 'on'")])
+def test_async_refuses_what_its_worker_cannot_honour(option: dict, named: str) -> None:
+    TrainConfig.from_dict(option if "shard_index" not in option else {})  # each is accepted with sync
+    with pytest.raises(ValidationError, match=f"refresh 'async' does not support {re.escape(named)}"):
+        TrainConfig.from_dict({"refresh": "async", **option})
+    # what the worker's compute_refresh does honour stays accepted
+    assert TrainConfig.from_dict({"refresh": "async", "exclude_suspects": 0.05}).exclude_suspects == 0.05
 
 
 def _run(tmp_path: Path, name: str, **changes: object) -> list[dict]:
