@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from hardneg.miner.index import INDEX_KINDS
 from hardneg.miner.mining.config import POSITIVES, STRATEGIES
 from hardneg.trainer.config import (
-    DEVICES, GLOBAL_BATCHES, LOSSES, MINING_MODES, MODES, PROTOCOLS, SHARD_INDEX, TrainConfig,
+    DEVICES, GLOBAL_BATCHES, LOSSES, MINING_MODES, MODES, PROTOCOLS, REFRESH_MODES, SHARD_INDEX, TrainConfig,
 )
 from hardneg.trainer.recipes.settings import BATCHINGS, INBATCH_STRATEGIES, SETTINGS, SSL_NEGATIVES, WARMUPS
 
@@ -68,6 +68,11 @@ def _recipe_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--publish-every", type=int, metavar="N", help="publish every N-th refresh's snapshot to the "
                    "store (default 1: every one; the first and the final model's always); the others only refresh "
                    "the recipe, class-batches from --centroid-sample items per class")
+    t.add_argument("--refresh-every-steps", type=int, metavar="N", help="optimizer steps between snapshots instead "
+                   "of --refresh-every (give one of the two)")
+    t.add_argument("--refresh", choices=REFRESH_MODES, help="sync (default): training waits for each refresh, "
+                   "bit-for-bit reproducible; async: a worker process embeds, publishes and mines while training "
+                   "goes on, and the new tuples take over at the next step boundary (not reproducible)")
     t.add_argument("--epochs", type=int)
     t.add_argument("--batching", choices=BATCHINGS,
                    help="item batches of in-batch mining and warm-up: random, or pk (P classes x K items)")

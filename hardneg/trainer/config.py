@@ -28,6 +28,7 @@ from hardneg.trainer.recipes.settings import SETTINGS, ClassBatchesSettings, Rec
 PROTOCOLS = ("heldout-classes", "heldout-samples")
 LOSSES = ("triplet", "contrastive")  # hardneg.trainer.losses.LOSSES (a test keeps the two equal)
 DEVICES = ("cpu", "cuda")
+REFRESH_MODES = ("sync", "async")
 IMAGE_MODES = ("L", "RGB")
 # The first release chose the recipe with `mode`, `mining` and `global_batches`; they are still accepted.
 LEGACY_SELECTORS = ("mode", "mining", "global_batches")
@@ -64,7 +65,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     # ---- snapshots: the loop publishes one before epoch warmup_epochs + 1, then every refresh_every epochs
     warmup_epochs: int = 1  # a snapshot of an untrained model mines little more than noise
-    refresh_every: int = 4  # epochs between snapshots; 1 costs +45% time for no gain, 8 scores the same as 4
+    refresh_every: int | None = 4  # epochs between snapshots; 1 costs +45% time for no gain, 8 scores the same as 4
+    refresh_every_steps: int | None = None  # steps between snapshots instead (then refresh_every is None)
+    refresh: str = "sync"  # sync: training waits for each refresh (reproducible); async: a worker process refreshes
     # refreshes between snapshots published to the store (the first and the final model's always are); the others
     # only refresh the recipe (class-batches: from a sample of each class). 1: the api sees every refresh's model
     publish_every: int = 1
@@ -111,6 +114,7 @@ class TrainConfig:
     def from_dict(cls, values: Mapping[str, Any], where: str = "in the config") -> TrainConfig:
         """Build from common options, ``recipe`` (a name) and that recipe's section, or flat keys; validated."""
         common, settings = _split(_normalise(values), where)
+        _one_refresh_period(common, where)
         hints = get_type_hints(cls)
         kwargs = {name: _coerce(name, value, hints[name]) for name, value in common.items()}
         cfg = cls(**kwargs, recipe=settings)
@@ -166,10 +170,17 @@ class TrainConfig:
         choice("device", self.device, DEVICES)
         choice("image_mode", self.image_mode, IMAGE_MODES)
         choice("shard_index", self.shard_index, SHARD_INDEX)
-        for name in ("epochs", "batch_size", "embedding_dim", "hidden_dim", "refresh_every", "publish_every",
-                     "keep_snapshots",
+        choice("refresh", self.refresh, REFRESH_MODES)
+        for name in ("epochs", "batch_size", "embedding_dim", "hidden_dim", "publish_every", "keep_snapshots",
                      "eval_batch_size", "image_size", "eval_every"):
             at_least(name, getattr(self, name), 1)
+        if (self.refresh_every is None) == (self.refresh_every_steps is None):
+            raise ValidationError(f"give exactly one of refresh_every (epochs) and refresh_every_steps (steps) "
+                                  f"between snapshots, got refresh_every={self.refresh_every} and "
+                                  f"refresh_every_steps={self.refresh_every_steps}")
+        for name in ("refresh_every", "refresh_every_steps"):
+            if getattr(self, name) is not None:
+                at_least(name, getattr(self, name), 1)
         for name in ("warmup_epochs", "seed", "threads"):
             at_least(name, getattr(self, name), 0)
         if self.eval_sample is not None:
@@ -180,6 +191,7 @@ class TrainConfig:
                 raise ValidationError(f"{name} must not be empty")
         self._validate_schedule()
         self._validate_quality()
+        self._validate_refresh()
         self.recipe.validate(self.batch_size)
         self._validate_shard_index()
 
@@ -203,6 +215,23 @@ class TrainConfig:
             raise ValidationError(f"warmup_epochs ({self.warmup_epochs}) must be below epochs ({self.epochs}) with "
                                   f"recipe {self.recipe.name!r}, or no epoch would train on the snapshot's batches")
 
+    def _validate_refresh(self) -> None:
+        """Refuse what step-timed or asynchronous refreshes cannot honour."""
+        if self.publish_every > 1 and self.refresh_every_steps is not None:
+            raise ValidationError(f"publish_every ({self.publish_every}) counts refreshes by epochs; with "
+                                  f"refresh_every_steps every refresh publishes: use publish_every 1, or "
+                                  f"refresh_every (epochs) with publish_every")
+        if self.refresh != "async":
+            return
+        refused = {"publish_every > 1": self.publish_every > 1, "refresh_on_drift": self.refresh_on_drift is not None,
+                   "shard_index 'on'": self.shard_index == "on"}
+        given = [name for name, on in refused.items() if on]
+        if given:
+            raise ValidationError(f"refresh 'async' does not support {', '.join(given)}: its worker publishes every "
+                                  f"refresh, checks no drift and runs in one process; use refresh 'sync' with "
+                                  f"these options, or leave them out (publish_every 1, no refresh_on_drift, "
+                                  f"shard_index 'auto' or 'off')")
+
     def _validate_quality(self) -> None:
         at_least("drift_probe", self.drift_probe, 2)
         if self.exclude_suspects is not None:
@@ -225,16 +254,31 @@ class TrainConfig:
     def is_refresh_epoch(self, epoch: int) -> bool:
         """True when a snapshot is published (and the recipe refreshed from it) before training ``epoch`` (1-based).
 
-        The first refresh comes right after the warm-up; then one every ``refresh_every`` epochs.
+        The first refresh comes right after the warm-up; then one every ``refresh_every`` epochs. Never with
+        ``refresh_every_steps``, whose refreshes fall at step boundaries (:meth:`is_refresh_step`).
         """
+        if self.refresh_every is None:
+            return False
         k = epoch - 1 - self.warmup_epochs
         return k >= 0 and k % self.refresh_every == 0
 
     def is_publish_epoch(self, epoch: int) -> bool:
         """True when the refresh before ``epoch`` publishes its snapshot to the store: the first refresh, then every
-        ``publish_every``-th (the final model is published after the last epoch whatever this says)."""
+        ``publish_every``-th (the final model is published after the last epoch whatever this says). False before
+        an epoch that is no refresh epoch, and always with ``refresh_every_steps`` (whose refreshes all publish:
+        ``publish_every`` > 1 is refused with it)."""
+        if self.refresh_every is None or not self.is_refresh_epoch(epoch):
+            return False
         k = epoch - 1 - self.warmup_epochs
-        return self.is_refresh_epoch(epoch) and (k // self.refresh_every) % self.publish_every == 0
+        return (k // self.refresh_every) % self.publish_every == 0
+
+    def is_refresh_step(self, epoch: int, step: int, last_due: int | None) -> bool:
+        """With ``refresh_every_steps``: True when a refresh is due at the boundary before optimizer step ``step``
+        (0-based, counted over the run) of ``epoch``: the first after the warm-up epochs, then every
+        ``refresh_every_steps`` steps after the last one that fell due (``last_due``, None before the first)."""
+        if self.refresh_every_steps is None or epoch <= self.warmup_epochs:
+            return False
+        return last_due is None or step - last_due >= self.refresh_every_steps
 
     def is_eval_epoch(self, epoch: int) -> bool:
         """True when retrieval is evaluated after ``epoch`` (0: the untrained model): every ``eval_every`` epochs,
@@ -257,6 +301,17 @@ def unshardable(cfg: TrainConfig) -> str | None:
         return ("refresh_on_drift reads the whole published snapshot on every rank; leave it unset, or shard_index "
                 "off")
     return None
+
+
+def _one_refresh_period(common: dict[str, Any], where: str) -> None:
+    """``refresh_every_steps`` given: refresh_every (default 4 epochs) gives way; both given is refused."""
+    if common.get("refresh_every_steps") is None:
+        return
+    if common.get("refresh_every") is not None:
+        raise ValidationError(f"refresh_every ({common['refresh_every']} epochs) and refresh_every_steps "
+                              f"({common['refresh_every_steps']} steps) are both set {where}; give exactly one "
+                              f"(--refresh-every N or --refresh-every-steps N)")
+    common["refresh_every"] = None
 
 
 # ------------------------------------------------------------------ recipes

@@ -13,6 +13,14 @@ One epoch ``e`` (1-based) of :class:`Trainer`:
    lines hold ``"metrics": {}``), append a line to ``metrics.jsonl``, save ``last.pt`` (and ``best.pt`` when
    MAP@R improves), redraw ``plot.png``.
 
+With ``refresh_every_steps`` the refreshes fall at step boundaries instead (the first after the warm-up epochs),
+and the rest of the epoch is planned anew from what the recipe took (``recipe.batches`` with a generator seeded
+by (seed, epoch, step)). With ``refresh = "async"`` a worker process refreshes while training goes on
+(:mod:`hardneg.trainer.async_refresh`): at a boundary where a refresh is due the loop hands it a copy of the
+weights (or, while one is in flight, skips it and counts that), and at the first boundary after it is done the
+recipe loads what it computed and the rest of the epoch is planned from it. Every batch records the step of the
+weights its mined data came from: each epoch's line holds that staleness and the refreshes' timings.
+
 Epoch 0 evaluates the untrained model. Every random choice of epoch ``e`` comes from a generator seeded by
 (seed, e), so a run resumed from ``last.pt`` draws what the uninterrupted run drew. Every phase of an epoch is
 timed (:mod:`hardneg.trainer.timing`) and recorded in its ``timing``.
@@ -38,6 +46,7 @@ from tqdm import tqdm
 
 from hardneg.miner.errors import ValidationError
 from hardneg.miner.store import SnapshotStore
+from hardneg.trainer.async_refresh import RefreshRequest, RefreshResult, RefreshWorker, WorkerInputs, clone_weights
 from hardneg.trainer.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from hardneg.trainer.config import TrainConfig
 from hardneg.trainer.data import ArrayDataset, DataSplits, load_splits
@@ -130,6 +139,50 @@ class RunState:
     snapshot: str | None = None  # the newest snapshot this run published
     snapshot_epoch: int | None = None  # the epoch whose model that snapshot holds
     best_map_at_r: float = -math.inf
+    mined_step: int | None = None  # the step of the weights the recipe's current mined data came from
+    refresh_due_step: int | None = None  # refresh_every_steps: the step at which the last refresh fell due
+    refresh_pending: bool = False  # async: a refresh was in flight (a resumed run starts it again)
+
+
+@dataclass
+class EpochRefreshes:
+    """One epoch's refreshes and staleness: counts, spans ``[weights' step, step it took over]``, the worker's
+    per-phase clocks (async), the training process's time spent on them, and each batch's staleness (its step
+    minus the step of the weights its mined data came from)."""
+
+    mode: str = "sync"
+    started: int = 0
+    finished: int = 0
+    skipped: int = 0  # fell due while one was in flight
+    restarts: int = 0
+    spans: list[list[int]] = field(default_factory=list)
+    worker: dict[str, float] = field(default_factory=dict)
+    wait_s: float = 0.0
+    wait_cpu_s: float = 0.0
+    stale_sum: int = 0
+    stale_max: int | None = None
+    stale_batches: int = 0
+    last: tuple[str, dict[str, Any] | None] | None = None  # the last snapshot taken over and its statistics
+
+    def batch(self, step: int, mined_step: int | None) -> None:
+        if mined_step is None:
+            return  # warm-up batches: nothing mined yet
+        self.stale_sum += step - mined_step
+        self.stale_max = max(self.stale_max or 0, step - mined_step)
+        self.stale_batches += 1
+
+    def add_worker(self, timing: dict[str, float]) -> None:
+        for k, v in timing.items():
+            self.worker[k] = round(self.worker.get(k, 0.0) + v, 4)
+
+    def staleness(self) -> dict[str, Any]:
+        mean = round(self.stale_sum / self.stale_batches, 4) if self.stale_batches else None
+        return {"mean": mean, "max": self.stale_max, "batches": self.stale_batches}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "started": self.started, "finished": self.finished, "skipped": self.skipped,
+                "restarts": self.restarts, "spans": self.spans, "worker": self.worker,
+                "wait_s": round(self.wait_s, 4), "wait_cpu_s": round(self.wait_cpu_s, 4)}
 
 
 @dataclass(frozen=True)
@@ -169,6 +222,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, splits: DataSplits, run_dir: Path, state: RunState | None = None,
                  checkpoint: dict[str, Any] | None = None, dist: DistContext = LOCAL, parts: Parts = Parts()) -> None:
+        if cfg.refresh == "async":
+            _check_async(cfg, dist, parts)
         self.cfg, self.splits, self.run_dir, self.dist = cfg, splits, run_dir, dist
         self.state = state or RunState()
         self.device = dist.device_for(cfg.device)
@@ -199,6 +254,8 @@ class Trainer:
         self.drift = None if cfg.refresh_on_drift is None else DriftMonitor(
             self.x_train, splits.train.y, cfg.refresh_on_drift, cfg.drift_probe, cfg.seed, self.publisher.store,
             cfg.eval_batch_size, dist)
+        self.background: RefreshWorker | None = None  # async: started by run()
+        self.refreshes = EpochRefreshes(cfg.refresh)
         if checkpoint is not None:
             self.model.load_state_dict(checkpoint["model"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -245,7 +302,9 @@ class Trainer:
         _check_device(cfg.device)
         state = RunState(epoch=ckpt["epoch"], step=ckpt["step"], history=list(ckpt["history"]),
                          snapshot=ckpt["snapshot"], snapshot_epoch=ckpt["snapshot_epoch"],
-                         best_map_at_r=ckpt["best_map_at_r"])
+                         best_map_at_r=ckpt["best_map_at_r"], mined_step=ckpt.get("mined_step"),
+                         refresh_due_step=ckpt.get("refresh_due_step"),
+                         refresh_pending=bool(ckpt.get("refresh_pending", False)))
         log.info("resuming %s after epoch %d of %d", run_dir, state.epoch, cfg.epochs)
         splits = load_splits(cfg)
         check_world(dist, len(splits.train), cfg.batch_size)
@@ -261,16 +320,17 @@ class Trainer:
         self._rewrite_metrics_file()
         if not self.state.history:
             self._finish_epoch(None, None, started)  # epoch 0: the untrained model
-        for epoch in range(self.state.epoch + 1, self.cfg.epochs + 1):
-            t0, c0 = time.perf_counter(), time.process_time()
-            refresh = self._refresh(epoch) if self._refresh_due(epoch) else None
-            t1, c1 = time.perf_counter(), time.process_time()
-            stats = self._train_epoch(epoch)
-            # What trained this epoch, apart from evaluation, checkpoints and plots: wall-clock seconds, and the
-            # process's CPU seconds (the same on an idle machine with one thread; steadier on a shared one).
-            timing = {"refresh_s": round(t1 - t0, 4), "train_s": round(time.perf_counter() - t1, 4),
-                      "refresh_cpu_s": round(c1 - c0, 4), "train_cpu_s": round(time.process_time() - c1, 4)}
-            self._finish_epoch(stats, refresh, started, timing)
+        if self.cfg.refresh == "async":
+            self.background = RefreshWorker(WorkerInputs(self.cfg.to_dict(), self.model_spec, self.x_train,
+                                                         self.y_train, self.splits.train.y))
+        finished = False
+        try:
+            self._epochs(started)
+            finished = True
+        finally:
+            if self.background is not None:  # the result of a refresh still in flight is not used
+                self.background.close(wait=finished)
+                self.background = None
         if self.state.snapshot_epoch != self.state.epoch:
             self._refresh(None)
             self._save(LAST)
@@ -285,17 +345,34 @@ class Trainer:
         with self.timer.phase("drift"):
             return self.drift.due(self.model, self.state.snapshot)
 
-    def _refresh(self, epoch: int | None) -> tuple[str | None, dict[str, Any] | None]:
-        """Publish the current model's embeddings before ``epoch`` (None: the final model) and, before an epoch,
-        refresh the recipe from them; returns the snapshot's name (None: not published) and the recipe's
-        statistics. A refresh that ``cfg.is_publish_epoch`` leaves unpublished embeds what the recipe asks."""
+    def _epochs(self, started: float) -> None:
+        for epoch in range(self.state.epoch + 1, self.cfg.epochs + 1):
+            t0, c0 = time.perf_counter(), time.process_time()
+            sync = self.cfg.refresh == "sync" and self._refresh_due(epoch)
+            refresh = self._refresh(epoch) if sync else None
+            t1, c1 = time.perf_counter(), time.process_time()
+            stats = self._train_epoch(epoch)
+            # What trained this epoch, apart from evaluation, checkpoints and plots: wall-clock seconds, and the
+            # process's CPU seconds (the same on an idle machine with one thread; steadier on a shared one).
+            # Refreshes inside the epoch (by steps, or the async hand-over) count as refresh, not training.
+            r = self.refreshes
+            timing = {"refresh_s": round(t1 - t0 + r.wait_s, 4),
+                      "train_s": round(time.perf_counter() - t1 - r.wait_s, 4),
+                      "refresh_cpu_s": round(c1 - c0 + r.wait_cpu_s, 4),
+                      "train_cpu_s": round(time.process_time() - c1 - r.wait_cpu_s, 4)}
+            self._finish_epoch(stats, refresh or r.last, started, timing)
+
+    def _refresh(self, epoch: int | None, step: int | None = None) -> tuple[str | None, dict[str, Any] | None]:
+        """Publish the current model's embeddings before ``epoch`` (None: the final model; ``step``: before that
+        step of it, default its first) and, before an epoch, refresh the recipe from them; returns the snapshot's
+        name (None: not published) and the recipe's statistics. A refresh that ``cfg.is_publish_epoch`` leaves
+        unpublished embeds what the recipe asks."""
+        done, step = self.state.epoch, self.state.step if step is None else step
         if epoch is not None and self.cfg.is_refresh_epoch(epoch) and not self.cfg.is_publish_epoch(epoch):
             items = self.recipe.refresh_items(epoch)  # (a refresh off the schedule, on drift, always publishes)
             if items is not None:
-                return None, self._refresh_unpublished(epoch, items)
-        done = self.state.epoch
-        meta = {"epoch": done, "step": self.state.step, "metrics": self.state.history[-1]["metrics"],
-                "reason": "final" if epoch is None else "refresh", "run_dir": str(self.run_dir)}
+                return None, self._refresh_unpublished(epoch, step, items)
+        meta = self._snapshot_meta("final" if epoch is None else "refresh", step)
         publish = publish_sharded if self.dist.enabled else _publish_local
         if shard_index_enabled(self.cfg, self.dist, len(self.splits.train.y)):
             publish = publish_shards  # each rank indexes its block; rank 0 streams one snapshot to the store
@@ -305,9 +382,11 @@ class Trainer:
             return published.name, None
         with self.timer.phase("mine"):
             snapshot = Snapshot(published.name, published.index, published.embeddings, epoch, shard=published.shard)
-            return published.name, self.recipe.refresh(self.model, snapshot)
+            stats = self.recipe.refresh(self.model, snapshot)
+        self._refreshed(step, stats)
+        return published.name, stats
 
-    def _refresh_unpublished(self, epoch: int, items: np.ndarray) -> dict[str, Any] | None:
+    def _refresh_unpublished(self, epoch: int, step: int, items: np.ndarray) -> dict[str, Any] | None:
         """A refresh before ``epoch`` that publishes no snapshot (``publish_every``): embed only the training
         ``items`` (m,) the recipe asks for (none: nothing to do), on every rank alike, and refresh the recipe."""
         if len(items) == 0:
@@ -315,16 +394,89 @@ class Trainer:
         with self.timer.phase("embed"):
             embeddings = embed_items(self.model, self.x_train, self.cfg.eval_batch_size, items)
         with self.timer.phase("mine"):
-            return self.recipe.refresh(self.model, Snapshot(None, None, embeddings, epoch, items=items))
+            stats = self.recipe.refresh(self.model, Snapshot(None, None, embeddings, epoch, items=items))
+        self._refreshed(step, stats)
+        return stats
+
+    def _refreshed(self, step: int, stats: dict[str, Any] | None) -> None:
+        """Record a synchronous refresh from the weights before ``step``."""
+        if stats is not None:  # the recipe took mined data from it
+            self.state.mined_step = step
+        self.refreshes.started += 1
+        self.refreshes.finished += 1
+        self.refreshes.spans.append([step, step])
+
+    # ------------------------------------------------------- step boundaries
+    def _boundary(self, epoch: int, step: int, first: bool) -> bool:
+        """Before optimizer step ``step`` (``first``: of the epoch): take over a finished async refresh, start a
+        refresh that falls due; True when the recipe took new data (the rest of the epoch is then planned anew)."""
+        cfg, bg = self.cfg, self.background
+        if bg is None and cfg.refresh_every_steps is None:
+            return False  # sync by epochs: refreshed before the epoch (run)
+        t0, c0 = time.perf_counter(), time.process_time()
+        switched = False
+        if bg is not None:
+            result = bg.poll()
+            self.refreshes.restarts = bg.restarts
+            if result is not None:
+                switched = self._take_over(result, step)
+        due = cfg.is_refresh_step(epoch, step, self.state.refresh_due_step) or (
+            bg is not None and first and cfg.is_refresh_epoch(epoch))
+        if due:
+            self.state.refresh_due_step = step
+        if bg is None:
+            if due:
+                self.refreshes.last = self._refresh(epoch, step)
+                switched = True
+        elif bg.busy:
+            self.refreshes.skipped += int(due)
+        elif due or self.state.refresh_pending:  # pending: the refresh a killed run had in flight
+            bg.submit(RefreshRequest(step, epoch, clone_weights(self.model), self._snapshot_meta("refresh", step)))
+            self.state.refresh_pending = True
+            self.refreshes.started += 1
+        # sync: the whole refresh; async: the training process's share (hand-over and bookkeeping)
+        self.refreshes.wait_s += time.perf_counter() - t0
+        self.refreshes.wait_cpu_s += time.process_time() - c0
+        return switched
+
+    def _take_over(self, result: RefreshResult, step: int) -> bool:
+        """The recipe loads what the async refresh of ``result.step``'s weights computed, before step ``step``."""
+        if result.state:
+            self.recipe.load_state_dict(result.state)
+            self.state.mined_step = result.step
+        self.state.snapshot, self.state.snapshot_epoch = result.snapshot, result.epoch - 1
+        self.state.refresh_pending = False
+        r = self.refreshes
+        r.finished += 1
+        r.spans.append([result.step, step])
+        r.add_worker(result.timing)
+        r.last = (result.snapshot, result.stats)
+        return bool(result.state)
+
+    def _planned(self, epoch: int, batches: list[np.ndarray], stats: EpochStats) -> Iterator[np.ndarray]:
+        """``batches``, with a step boundary before each: after a refresh the rest is planned anew."""
+        i = 0
+        while i < len(batches):
+            step = self.state.step + stats.steps
+            if self._boundary(epoch, step, first=i == 0):
+                with self.timer.phase("batches"):
+                    rng = np.random.default_rng(np.random.SeedSequence([self.cfg.seed, epoch, SHUFFLE, step]))
+                    batches[i:] = list(self.dist.batches(self.recipe.batches(epoch, rng)))[:len(batches) - i]
+                if i >= len(batches):
+                    return
+            self.refreshes.batch(step, self.state.mined_step)
+            yield batches[i]
+            i += 1
 
     def _train_epoch(self, epoch: int) -> EpochStats:
         """One pass over the recipe's batches for ``epoch``; the epoch's loss and counts over every rank's share."""
         with self.timer.phase("batches"):
-            batches = self.dist.batches(self.recipe.batches(epoch, _epoch_rng(self.cfg.seed, epoch)))
+            batches = list(self.dist.batches(self.recipe.batches(epoch, _epoch_rng(self.cfg.seed, epoch))))
         model = self.ddp if self.ddp is not None else self.model
         model.train()
         stats = EpochStats()
-        for batch in _progress(batches, f"epoch {epoch}/{self.cfg.epochs}", self.dist.is_main):
+        planned = self._planned(epoch, batches, stats)
+        for batch in _progress(planned, f"epoch {epoch}/{self.cfg.epochs}", self.dist.is_main):
             with self.timer.phase("forward"):
                 loss, terms = self.recipe.loss(model, batch)
             _step(self.optimizer, terms, stats, loss, self.dist, self.timer)
@@ -334,6 +486,10 @@ class Trainer:
         self.state.step += stats.steps
         self.state.epoch = epoch
         return stats
+
+    def _snapshot_meta(self, reason: str, step: int) -> dict[str, Any]:
+        return {"epoch": self.state.epoch, "step": step, "metrics": self.state.history[-1]["metrics"],
+                "reason": reason, "run_dir": str(self.run_dir)}
 
     def _finish_epoch(self, stats: EpochStats | None, refresh: tuple[str, dict[str, Any] | None] | None,
                       started: float, timing: dict[str, float] | None = None) -> None:
@@ -366,6 +522,7 @@ class Trainer:
                 metrics = evaluate(self.model, self.x_eval, self.splits.eval.y, self.cfg.eval_batch_size,
                                    self.cfg.eval_sample, self.cfg.seed)
         phases = self.timer.take()
+        refreshes, self.refreshes = self.refreshes, EpochRefreshes(self.cfg.refresh)
         record = {
             "epoch": self.state.epoch, "step": self.state.step,
             "loss": stats.loss if stats is not None else None,
@@ -374,6 +531,8 @@ class Trainer:
             "snapshot": refresh[0] if refresh is not None else None,
             "mining": refresh[1] if refresh is not None else None,
             "timing": {**timing, **phases} if timing is not None else None,
+            "staleness": refreshes.staleness() if stats is not None else None,
+            "refresh": refreshes.to_dict() if stats is not None else None,
             "elapsed_s": round(time.monotonic() - started, 3),
         }
         if self.drift is not None:  # the check before this epoch (None when the schedule refreshed anyway)
@@ -388,7 +547,8 @@ class Trainer:
             "config": self.cfg.to_dict(), "model_spec": self.model_spec, "epoch": s.epoch, "step": s.step,
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
-            "recipe": self.recipe.state_dict(),
+            "recipe": self.recipe.state_dict(), "mined_step": s.mined_step, "refresh_due_step": s.refresh_due_step,
+            "refresh_pending": s.refresh_pending,
             "snapshot": s.snapshot, "snapshot_epoch": s.snapshot_epoch,
             "history": s.history, "best_map_at_r": s.best_map_at_r,
         })
@@ -414,6 +574,18 @@ def _publish_local(model: torch.nn.Module, x: torch.Tensor, labels: np.ndarray, 
 
 def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng(seed_for(seed, epoch, SHUFFLE))
+
+
+def _check_async(cfg: TrainConfig, dist: DistContext, parts: Parts) -> None:
+    """Refuse what an asynchronous refresh cannot do: torchrun, and a recipe the worker cannot rebuild."""
+    if dist.enabled:
+        raise ValidationError("--refresh async is not supported under torchrun (every rank would have to take "
+                              "over the new tuples at the same step); use --refresh sync, whose refreshes each "
+                              "rank embeds its block of")
+    if parts.recipe is not None and getattr(parts.recipe, "name", None) != cfg.recipe.name:
+        raise ValidationError(f"--refresh async computes each refresh with the registered recipe "
+                              f"{cfg.recipe.name!r} in a worker process; a recipe given as an object must be that "
+                              f"recipe (or a subclass keeping its name and compute_refresh)")
 
 
 def _check_device(device: str) -> None:

@@ -20,10 +20,18 @@ def plot_history(history: Sequence[dict[str, Any]], path: str | os.PathLike) -> 
     fig, (ax_loss, ax_metrics) = plt.subplots(1, 2, figsize=(10, 4))
     trained = [r for r in history if r.get("loss") is not None]
     ax_loss.plot([r["epoch"] for r in trained], [r["loss"] for r in trained], marker="o")
-    for r in history:  # a refresh before this epoch: a new snapshot, or the recipe refreshed from a sample
-        if r.get("snapshot") is not None or r.get("mining") is not None:
-            ax_loss.axvline(r["epoch"], color="grey", alpha=0.3, linestyle="--")
-    ax_loss.set(title="training loss (dashed: snapshot refresh)", xlabel="epoch", ylabel="mean loss")
+    spans = refresh_spans(history)
+    if spans is None:  # older records: a new snapshot, or the recipe refreshed from a sample, before the epoch
+        spans = [(r["epoch"], r["epoch"]) for r in history
+                 if r.get("snapshot") is not None or r.get("mining") is not None]
+    for start, end in spans:
+        if end > start:  # asynchronous: from the step of its weights to the step of the take-over
+            ax_loss.axvspan(start, end, color="tab:orange", alpha=0.15, linewidth=0)
+        else:
+            ax_loss.axvline(start, color="grey", alpha=0.3, linestyle="--")
+    shaded = any(end > start for start, end in spans)
+    ax_loss.set(title=f"training loss ({'shaded: a refresh in flight' if shaded else 'dashed: refresh'})",
+                xlabel="epoch", ylabel="mean loss")
     for key, label in PLOTTED_METRICS.items():
         points = [(r["epoch"], r["metrics"][key]) for r in history if key in r.get("metrics", {})]
         if points:
@@ -35,3 +43,17 @@ def plot_history(history: Sequence[dict[str, Any]], path: str | os.PathLike) -> 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def refresh_spans(history: Sequence[dict[str, Any]]) -> list[tuple[float, float]] | None:
+    """Each refresh's span ``[step of its weights, step its data took over]`` on the epoch axis (epoch ``e``'s
+    point sits at the end of its steps; steps in between are placed linearly); None for a history without
+    step-level refresh records (runs of older releases)."""
+    import numpy as np
+
+    if not any(r.get("refresh") for r in history):
+        return None
+    steps = np.array([r["step"] for r in history], dtype=float)
+    epochs = np.array([r["epoch"] for r in history], dtype=float)
+    spans = [s for r in history if r.get("refresh") for s in r["refresh"]["spans"]]
+    return [(float(np.interp(a, steps, epochs)), float(np.interp(b, steps, epochs))) for a, b in spans]

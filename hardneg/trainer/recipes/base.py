@@ -5,7 +5,9 @@ A :class:`Recipe` decides *what* an epoch trains on; the loop (:mod:`hardneg.tra
 
 * ``refresh(model, snapshot)``: after the loop has embedded the training set and published a snapshot, take
   from it what the next epochs need (mined tuples, a class-neighbour table, mined negatives); returns the
-  statistics recorded for the epoch;
+  statistics recorded for the epoch. In one process that is ``compute_refresh(snapshot)`` (what the refresh
+  computes, as plain data, which an asynchronous refresh computes in its worker process) loaded with
+  ``load_state_dict``;
 * ``refresh_items(epoch)``: the training items a refresh that publishes no snapshot (``publish_every``) must
   embed for ``refresh``: None (the default): every item, in an index; an empty array (recipes that read no
   snapshot): no refresh at all; a sample (class-batches: ``centroid_sample`` items
@@ -111,8 +113,23 @@ class Recipe(ABC):
         self.epoch: Epoch | None = None
 
     def refresh(self, model: nn.Module, snapshot: Snapshot) -> dict[str, Any] | None:
-        """Take what the coming epochs need from ``snapshot``; the statistics to record (default: nothing)."""
-        return None
+        """Take what the coming epochs need from ``snapshot``; the statistics to record (default: nothing).
+
+        In one process: :meth:`compute_refresh`, then :meth:`load_state_dict` of what it computed.
+        """
+        state, stats = self.compute_refresh(snapshot)
+        if state:
+            self.load_state_dict(state)
+        return stats
+
+    def compute_refresh(self, snapshot: Snapshot) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """What a refresh takes from ``snapshot``, as data, leaving this recipe unchanged: the part of
+        :meth:`state_dict` it replaces (plain tensors and values; empty: nothing) and the statistics to record.
+
+        An asynchronous refresh runs this in its worker process (:mod:`hardneg.trainer.async_refresh`), and the
+        loop loads the state into the training process's recipe at a step boundary.
+        """
+        return {}, None
 
     def refresh_items(self, epoch: int) -> np.ndarray | None:
         """The training items (m,) whose embeddings :meth:`refresh` needs before ``epoch`` when no snapshot is

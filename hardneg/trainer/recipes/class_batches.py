@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from hardneg.miner.distances import COSINE
 from hardneg.trainer.batching import (
@@ -48,33 +47,34 @@ class ClassBatches(SnapshotRecipe):
         self.kept: np.ndarray | None = None  # exclude_suspects: the item indices the window's batches draw from
         self.seed_weights: np.ndarray | None = None  # (C,) seed-class weights of its rows (None: uniform)
 
-    def refresh(self, model: nn.Module, snapshot: Snapshot) -> dict[str, Any]:
+    def compute_refresh(self, snapshot: Snapshot) -> tuple[dict[str, Any], dict[str, Any]]:
         from hardneg.miner.mining.miner import stored_vectors
 
-        p = self.ctx.cfg.batch_size // self.settings.per_class
+        p, hardness = self.ctx.cfg.batch_size // self.settings.per_class, self.settings.seed_hardness
+        state: dict[str, Any] = {}
         if snapshot.shard is not None:  # a sharded index: centroids from the ranks' per-class sums
             classes, centroids = snapshot.shard.class_centroids()
-            self.neighbours = class_neighbours(classes, centroids, p)
-            if self.settings.seed_hardness > 0:
-                self.seed_weights = centroid_seed_weights(classes, centroids, self.neighbours,
-                                                          self.settings.seed_hardness)
-            return centroid_stats(classes, centroids, self.neighbours)
+            neighbours = class_neighbours(classes, centroids, p)
+            if hardness > 0:
+                state["seed_weights"] = torch.from_numpy(centroid_seed_weights(classes, centroids, neighbours,
+                                                                               hardness))
+            return {"neighbours": torch.from_numpy(neighbours), **state}, centroid_stats(classes, centroids, neighbours)
         if snapshot.index is None:  # a sample's embeddings (refresh_items), prepared as a cosine snapshot stores them
             assert snapshot.embeddings is not None and snapshot.items is not None
             vectors, labels = COSINE.prepare(snapshot.embeddings), self.ctx.data.labels[snapshot.items]
-            self.neighbours = confusable_classes(vectors, labels, p)
-            self._weigh_seeds(vectors, labels)
-            return {**composition_stats(vectors, labels, self.neighbours), "centroid_items": len(snapshot.items)}
+            neighbours = confusable_classes(vectors, labels, p)
+            stats = {**composition_stats(vectors, labels, neighbours), "centroid_items": len(snapshot.items)}
+            return self._table_state(vectors, labels, neighbours, state), stats
         index, fraction = snapshot.index, self.ctx.cfg.exclude_suspects
         vectors, labels = stored_vectors(index), index.labels
         if fraction is not None:
             excluded = suspects_of(index, fraction, self.ctx.dist)
             keep = ~np.isin(index.ids, excluded)
-            vectors, labels, self.kept = vectors[keep], labels[keep], np.sort(index.ids[keep])
-        self.neighbours = confusable_classes(vectors, labels, p)
-        self._weigh_seeds(vectors, labels)
-        stats = composition_stats(vectors, labels, self.neighbours)
-        return stats if fraction is None else {**stats, "suspects_excluded": len(excluded)}
+            vectors, labels, state["kept"] = vectors[keep], labels[keep], torch.from_numpy(np.sort(index.ids[keep]))
+        neighbours = confusable_classes(vectors, labels, p)
+        stats = composition_stats(vectors, labels, neighbours)
+        state = self._table_state(vectors, labels, neighbours, state)
+        return state, stats if fraction is None else {**stats, "suspects_excluded": len(excluded)}
 
     def refresh_items(self, epoch: int) -> np.ndarray | None:
         """``centroid_sample`` items of each class, seeded by (seed, epoch); None (every item, in a snapshot)
@@ -84,9 +84,14 @@ class ClassBatches(SnapshotRecipe):
         rng = np.random.default_rng(seed_for(self.ctx.cfg.seed, epoch, CENTROIDS))
         return class_sample(self.ctx.data.labels, self.settings.centroid_sample, rng)
 
-    def _weigh_seeds(self, vectors: np.ndarray, labels: np.ndarray) -> None:
+    def _table_state(self, vectors: np.ndarray, labels: np.ndarray, neighbours: np.ndarray,
+                     state: dict[str, Any]) -> dict[str, Any]:
+        """The class table ``neighbours`` found in ``vectors`` (m, d) of ``labels`` (m,), with its seed weights
+        (``seed_hardness`` > 0) and what ``state`` already holds, as :meth:`load_state_dict` takes them."""
         if self.settings.seed_hardness > 0:
-            self.seed_weights = seed_weights(vectors, labels, self.neighbours, self.settings.seed_hardness)
+            state["seed_weights"] = torch.from_numpy(seed_weights(vectors, labels, neighbours,
+                                                                  self.settings.seed_hardness))
+        return {"neighbours": torch.from_numpy(neighbours), **state}
 
     def plan(self, epoch: int) -> Epoch:
         if self.neighbours is None:

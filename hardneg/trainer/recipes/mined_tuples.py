@@ -42,24 +42,36 @@ class MinedTuples(SnapshotRecipe):
         self.miner = self.inbatch_miner(self.settings.inbatch_strategy) if mixes else None
         self.tuples: tp.TupleSet | None = None  # the tuples of the current refresh window
 
-    def refresh(self, model: nn.Module, snapshot: Snapshot) -> dict[str, Any]:
+    def refresh(self, model: nn.Module, snapshot: Snapshot) -> dict[str, Any] | None:
         ctx = self.ctx
-        index, excluded = snapshot.index, None
-        if ctx.cfg.exclude_suspects is not None:
-            view = without_suspects(index, ctx.cfg.exclude_suspects, ctx.dist, ctx.cfg.seed)
-            index, excluded = view.index, len(view.excluded)
+        if snapshot.shard is None and not ctx.dist.enabled:
+            return super().refresh(model, snapshot)
+        index, excluded = self._mining_index(snapshot)
         if snapshot.shard is not None:  # a sharded index: every rank mines its block against every shard
             self.tuples, stats = mine_shards(snapshot.shard, ctx.cfg, snapshot.epoch)
-        elif ctx.dist.enabled:
-            self.tuples, stats = mine_sharded(index, ctx.cfg, snapshot.epoch, ctx.dist)
         else:
-            self.tuples, stats = mine_tuples(index, ctx.cfg, snapshot.epoch)
+            self.tuples, stats = mine_sharded(index, ctx.cfg, snapshot.epoch, ctx.dist)
         if excluded is not None:  # never anchors, positives or negatives (the miner's count: as negatives only)
             stats["suspects_excluded"] = excluded
         if ctx.dist.is_main:
-            log.info("snapshot %s: mined %d %ss for epoch %d%s", snapshot.name, len(self.tuples), self.tuples.kind,
-                     snapshot.epoch, f" on {ctx.dist.world_size} ranks" if ctx.dist.enabled else "")
+            _report(snapshot, self.tuples, f" on {ctx.dist.world_size} ranks")
         return stats
+
+    def compute_refresh(self, snapshot: Snapshot) -> tuple[dict[str, Any], dict[str, Any]]:
+        index, excluded = self._mining_index(snapshot)
+        tuples, stats = mine_tuples(index, self.ctx.cfg, snapshot.epoch)
+        if excluded is not None:
+            stats["suspects_excluded"] = excluded
+        _report(snapshot, tuples)
+        return {"tuples": tuples.to_state()}, stats
+
+    def _mining_index(self, snapshot: Snapshot) -> tuple[Any, int | None]:
+        """The snapshot's index, without its suspected label errors with ``exclude_suspects`` (and their count)."""
+        cfg = self.ctx.cfg
+        if cfg.exclude_suspects is None:
+            return snapshot.index, None
+        view = without_suspects(snapshot.index, cfg.exclude_suspects, self.ctx.dist, cfg.seed)
+        return view.index, len(view.excluded)
 
     def plan(self, epoch: int) -> Epoch:
         if self.tuples is None:
@@ -75,3 +87,8 @@ class MinedTuples(SnapshotRecipe):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         t = state.get("tuples")
         self.tuples = None if t is None else tp.TupleSet.from_state(t)
+
+
+def _report(snapshot: Snapshot, tuples: tp.TupleSet, where: str = "") -> None:
+    log.info("snapshot %s: mined %d %ss for epoch %d%s", snapshot.name, len(tuples), tuples.kind, snapshot.epoch,
+             where)

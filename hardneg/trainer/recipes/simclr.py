@@ -51,22 +51,28 @@ class SimCLR(Recipe):
 
     # ------------------------------------------------------------ refresh
     def refresh(self, model: nn.Module, snapshot: Snapshot) -> dict[str, Any] | None:
-        if self.settings.negatives != "mined":
-            return None
         dist = self.ctx.dist
+        if not dist.enabled or self.settings.negatives != "mined":
+            return super().refresh(model, snapshot)
 
-        def mine() -> dict[str, Any]:
-            assert snapshot.embeddings is not None  # in one process and on rank 0
-            mined = mine_negatives(snapshot.embeddings, NegativeMining.of(self.settings), self.ctx.cfg.index,
-                                   self.ctx.cfg.seed)
-            self.negatives = mined.table
-            _report(snapshot.name, mined.stats, self.settings)
-            return mined.stats
+        def mine() -> dict[str, Any] | None:
+            state, stats = self.compute_refresh(snapshot)
+            self.load_state_dict(state)
+            return stats
 
         stats = dist.from_main(mine)
-        if dist.enabled:  # every rank composes the same batches from rank 0's table
-            self.negatives = dist.broadcast_arrays([self.negatives] if dist.is_main else None)[0]
+        # every rank composes the same batches from rank 0's table
+        self.negatives = dist.broadcast_arrays([self.negatives] if dist.is_main else None)[0]
         return stats
+
+    def compute_refresh(self, snapshot: Snapshot) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        if self.settings.negatives != "mined":
+            return {}, None
+        assert snapshot.embeddings is not None  # in one process and on rank 0
+        mined = mine_negatives(snapshot.embeddings, NegativeMining.of(self.settings), self.ctx.cfg.index,
+                               self.ctx.cfg.seed)
+        _report(snapshot.name, mined.stats, self.settings)
+        return {"negatives": torch.from_numpy(mined.table)}, mined.stats
 
     # ------------------------------------------------------------ epochs
     def batches(self, epoch: int, rng: np.random.Generator) -> Sequence[np.ndarray]:
