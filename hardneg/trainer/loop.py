@@ -98,9 +98,11 @@ class EpochStats:
                 "steps": self.steps}
 
 
-def _progress(batches: Iterable[np.ndarray], desc: str, show: bool = True) -> Iterator[np.ndarray]:
-    """``batches`` with a progress bar on a terminal only (and, in a distributed run, on rank 0 only)."""
-    yield from tqdm(batches, desc=desc, leave=False, disable=not (show and sys.stderr.isatty()))
+def _progress(batches: Iterable[np.ndarray], desc: str, show: bool = True, total: int | None = None
+              ) -> Iterator[np.ndarray]:
+    """``batches`` with a progress bar on a terminal only (and, in a distributed run, on rank 0 only); ``total``:
+    their number, when ``batches`` is a generator."""
+    yield from tqdm(batches, desc=desc, total=total, leave=False, disable=not (show and sys.stderr.isatty()))
 
 
 def _step(optimizer: torch.optim.Optimizer, terms: torch.Tensor, stats: EpochStats,
@@ -476,7 +478,7 @@ class Trainer:
         model.train()
         stats = EpochStats()
         planned = self._planned(epoch, batches, stats)
-        for batch in _progress(planned, f"epoch {epoch}/{self.cfg.epochs}", self.dist.is_main):
+        for batch in _progress(planned, f"epoch {epoch}/{self.cfg.epochs}", self.dist.is_main, len(batches)):
             with self.timer.phase("forward"):
                 loss, terms = self.recipe.loss(model, batch)
             _step(self.optimizer, terms, stats, loss, self.dist, self.timer)
