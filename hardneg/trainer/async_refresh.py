@@ -67,13 +67,15 @@ class RefreshResult:
 @dataclass(frozen=True)
 class WorkerInputs:
     """What the worker is started with: the run's config (its dict) and model spec, and the training items
-    (``x`` (n, ...) and ``y`` (n,) tensors, in shared memory on CPU; ``labels`` (n,) numpy)."""
+    (``x`` (n, ...) and ``y`` (n,) tensors, in shared memory on CPU; ``labels`` (n,) numpy) and their
+    thumbnails (:func:`~hardneg.trainer.refresh.training_thumbs`, or None)."""
 
     config: dict[str, Any]
     model_spec: dict[str, Any]
     x: torch.Tensor
     y: torch.Tensor
     labels: np.ndarray
+    thumbs: np.ndarray | None = None  # the snapshots' thumbnails, as the training process publishes them
     parent: int = field(default_factory=os.getpid)
 
 
@@ -195,7 +197,8 @@ def worker_main(inputs: WorkerInputs, requests: Any, results: Any) -> None:
     model, _ = build_model(cfg, inputs.model_spec["input_shape"])
     model.to(inputs.x.device)
     timer = PhaseTimer()
-    publisher = SnapshotPublisher(SnapshotStore(cfg.store, keep=cfg.keep_snapshots), cfg, inputs.model_spec, timer)
+    publisher = SnapshotPublisher(SnapshotStore(cfg.store, keep=cfg.keep_snapshots), cfg, inputs.model_spec, timer,
+                                  inputs.thumbs)
     data = TrainData(inputs.x, inputs.y, inputs.labels)
     recipe = recipe_class(cfg.recipe.name)(RecipeContext(cfg, data, make_loss(cfg.loss, cfg.margin), timer=timer))
     _warm_up_export(model, inputs.model_spec)

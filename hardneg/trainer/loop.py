@@ -324,7 +324,8 @@ class Trainer:
             self._finish_epoch(None, None, started)  # epoch 0: the untrained model
         if self.cfg.refresh == "async":
             self.background = RefreshWorker(WorkerInputs(self.cfg.to_dict(), self.model_spec, self.x_train,
-                                                         self.y_train, self.splits.train.y))
+                                                         self.y_train, self.splits.train.y,
+                                                         self.publisher.thumbs))
         finished = False
         try:
             self._epochs(started)
@@ -342,8 +343,10 @@ class Trainer:
     def _refresh_due(self, epoch: int) -> bool:
         """Refresh before ``epoch``: on the schedule, or with ``refresh_on_drift`` when the model has drifted past
         it since the newest snapshot (:mod:`hardneg.trainer.drift`)."""
-        if self.cfg.is_refresh_epoch(epoch) or self.drift is None:
-            return self.cfg.is_refresh_epoch(epoch)
+        if self.cfg.is_refresh_epoch(epoch):
+            return True
+        if self.drift is None:
+            return False
         with self.timer.phase("drift"):
             return self.drift.due(self.model, self.state.snapshot)
 

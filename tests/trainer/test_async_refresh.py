@@ -26,7 +26,7 @@ from hardneg.miner.store import SnapshotStore
 from hardneg.trainer.async_refresh import RefreshRequest, RefreshWorker, RefreshWorkerDied, WorkerInputs, clone_weights
 from hardneg.trainer.config import TrainConfig
 from hardneg.trainer.data import load_splits
-from hardneg.trainer.refresh import embed_items
+from hardneg.trainer.refresh import embed_items, training_thumbs
 from hardneg.trainer.loop import Parts, Trainer
 from hardneg.trainer.losses import make_loss
 from hardneg.trainer.models import build_model
@@ -104,10 +104,14 @@ def test_async_take_over_at_step_boundaries(tmp_path: Path) -> None:
         st = r["staleness"]
         if st["batches"]:
             assert 0 <= st["mean"] <= st["max"]
-    # the worker published every refresh it finished, and the store checks out
+    # the worker published every refresh it finished, and the store checks out, with the training images'
+    # thumbnails in every snapshot, as a synchronous refresh publishes them
     store = SnapshotStore(cfg.store)
+    thumbs = training_thumbs(load_splits(cfg).train.x)
     for name in store.names():
         store.verify(name)
+        snap = store.open(name)
+        np.testing.assert_array_equal(store.load_thumbs(snap), thumbs[snap.index.ids])
     assert trainer.state.snapshot == store.latest_name()
 
 
