@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from hardneg.miner.drift import centroid_shift
-from hardneg.miner.index import VectorIndex
+from hardneg.miner.distances import Distance
 from hardneg.miner.store import SnapshotStore
 from hardneg.trainer.distributed import LOCAL, DistContext
 from hardneg.trainer.refresh import embed_items, seed_for
@@ -60,13 +60,14 @@ class DriftMonitor:
         self.items = probe_items(len(labels), probe, seed)
         self.x, self.labels = x[torch.from_numpy(self.items).to(x.device)], np.asarray(labels)[self.items]
         self.threshold, self.store, self.batch_size, self.dist = threshold, store, batch_size, dist
-        self._reference: tuple[str, VectorIndex, np.ndarray] | None = None  # snapshot name, its index, probe vectors
+        # snapshot name, its distance, the probe's stored vectors (the snapshot's index itself is not kept)
+        self._reference: tuple[str, Distance, np.ndarray] | None = None
         self.last: dict[str, Any] | None = None  # the latest check, for metrics.jsonl
 
     def shift(self, model: nn.Module, snapshot: str) -> float:
         """The probe's mean centroid shift from ``snapshot`` (a name in the store) to ``model`` now."""
-        index, before = self._reference_of(snapshot)
-        after = index.distance.prepare(embed_items(model, self.x, self.batch_size))
+        distance, before = self._reference_of(snapshot)
+        after = distance.prepare(embed_items(model, self.x, self.batch_size))
         return mean_centroid_shift(before, after, self.labels)
 
     def due(self, model: nn.Module, snapshot: str | None) -> bool:
@@ -85,8 +86,8 @@ class DriftMonitor:
         last, self.last = self.last, None
         return last
 
-    def _reference_of(self, snapshot: str) -> tuple[VectorIndex, np.ndarray]:
+    def _reference_of(self, snapshot: str) -> tuple[Distance, np.ndarray]:
         if self._reference is None or self._reference[0] != snapshot:
             index = self.store.open(snapshot).index
-            self._reference = (snapshot, index, index.vectors_of(self.items))
+            self._reference = (snapshot, index.distance, index.vectors_of(self.items))
         return self._reference[1], self._reference[2]
