@@ -28,6 +28,9 @@ import argparse
 import json
 import logging
 import os
+import resource
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -38,7 +41,7 @@ import torch
 
 from hardneg.miner.formats import build_rows
 from hardneg.miner.index import SearchParams, VectorIndex
-from hardneg.miner.mining import MiningConfig
+from hardneg.miner.mining import MiningConfig, bf16_prefilter
 from hardneg.miner.mining import queries
 from hardneg.miner.mining.queries import PositiveSets, mine_queries
 
@@ -119,10 +122,14 @@ def run_st(corpus: Corpus, opts: dict, use_faiss: bool, depth: int | None) -> li
 
 
 def run_hardneg(index: VectorIndex, corpus: Corpus, opts: dict, params: SearchParams | None = None,
-                one_pass: bool = True) -> list[tuple]:
-    """hardneg's rows; ``one_pass=False`` mines as before the one-pass scan (FAISS search, widened x8 per round)."""
+                one_pass: bool = True, prefilter: str = "auto") -> list[tuple]:
+    """hardneg's rows; ``one_pass=False`` mines as before the one-pass scan (FAISS search, widened x8 per round);
+    ``prefilter`` forces the scan's bfloat16 prefilter on (``bf16``) or off (``off``: the float32 scan)."""
     if not one_pass:
         with patch.object(queries, "_positives_floor_search", lambda *_: None):
+            return run_hardneg(index, corpus, opts, params)
+    if prefilter != "auto":
+        with patch.object(bf16_prefilter, "wanted", lambda *_: prefilter == "bf16"):
             return run_hardneg(index, corpus, opts, params)
     cfg = MiningConfig(strategy="window", per_anchor=opts["num_negatives"], window_skip=opts["range_min"],
                        window_width=opts["range_max"] - opts["range_min"], window_sampling="top",
@@ -154,6 +161,21 @@ def overlap(a: list[tuple], b: list[tuple]) -> dict:
             "identical_rows": same / max(1, len(common)), "mean_shared": float(np.mean(shared)) if shared else None}
 
 
+def differing_rows_tied(a: list[tuple], b: list[tuple], corpus: Corpus, atol: float = 5e-7) -> dict:
+    """Of the (query, positive) rows both wrote whose negatives differ: how many are float32 ties, i.e. both lists'
+    exact (float64) scores agree place by place within ``atol`` (a few float32 steps at cosine scores)."""
+    ka = {(r[0], r[1]): r[2:] for r in a}
+    kb = {(r[0], r[1]): r[2:] for r in b}
+    differ = [k for k in ka.keys() & kb.keys() if ka[k] != kb[k]]
+    tied = 0
+    for k in differ:
+        q = corpus.queries[int(k[0][1:])].astype(np.float64)
+        sa = corpus.docs[[int(t[1:]) for t in ka[k]]].astype(np.float64) @ q
+        sb = corpus.docs[[int(t[1:]) for t in kb[k]]].astype(np.float64) @ q
+        tied += bool(np.allclose(sa, sb, rtol=0, atol=atol))
+    return {"differing_rows": len(differ), "of_them_ties": tied}
+
+
 def bench_size(n: int, args: argparse.Namespace) -> dict:
     corpus = make_corpus(n, args.queries, args.dim, args.topics, args.seed)
     (index, build_wall, build_cpu) = clocks(lambda: VectorIndex.build(corpus.docs, corpus.topics, metric="cosine"))
@@ -165,6 +187,12 @@ def bench_size(n: int, args: argparse.Namespace) -> dict:
                                                           "relative_margin": 0.05}, args.st_depth)):
         rec: dict = {"name": name, "options": opts, "st_range_max": max(opts["range_max"], depth or 0)}
         hn, rec["hardneg_wall"], rec["hardneg_cpu"] = clocks(lambda: run_hardneg(index, corpus, opts))
+        rec["bf16_prefilter"] = bf16_prefilter.wanted("auto", args.queries, n, args.dim)
+        if args.float32:
+            f32, rec["float32_wall"], rec["float32_cpu"] = clocks(lambda: run_hardneg(index, corpus, opts,
+                                                                                      prefilter="off"))
+            rec["float32_overlap"] = overlap(f32, hn)
+            rec["float32_overlap"].update(differing_rows_tied(f32, hn, corpus))
         if args.before:
             old, rec["before_wall"], rec["before_cpu"] = clocks(lambda: run_hardneg(index, corpus, opts, one_pass=False))
             rec["before_overlap"] = overlap(old, hn)
@@ -182,8 +210,11 @@ def bench_size(n: int, args: argparse.Namespace) -> dict:
         rec["ratio_cpu"] = cpu / rec["hardneg_cpu"]
         rec["ratio_wall_with_build"] = wall / (rec["hardneg_wall"] + build_wall)
         rec["overlap"] = overlap(st, hn)
+        rec["overlap"].update(differing_rows_tied(st, hn, corpus))
         if args.before:
             rec["before_ratio_cpu"], rec["before_ratio_wall"] = cpu / rec["before_cpu"], wall / rec["before_wall"]
+        if args.float32:
+            rec["float32_ratio_cpu"], rec["float32_ratio_wall"] = cpu / rec["float32_cpu"], wall / rec["float32_wall"]
         print(json.dumps(rec), flush=True)
         out["configs"].append(rec)
         exact_rows[name] = (hn, opts, {"wall": wall, "cpu": cpu, "how": how})
@@ -216,6 +247,8 @@ def main() -> None:
     p.add_argument("--nprobe", type=int, nargs="+", default=[16, 64])
     p.add_argument("--before", action="store_true",
                    help="also time hardneg without the one-pass scan (FAISS flat search, widening x8), as before it")
+    p.add_argument("--float32", action="store_true",
+                   help="also time hardneg's scan without its bfloat16 prefilter (every score in float32)")
     p.add_argument("--out", help="write the records as JSON here")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -224,10 +257,18 @@ def main() -> None:
     import datasets  # noqa: F401
     import sentence_transformers.util  # noqa: F401
 
+    # hardneg's scan imports torch for its bfloat16 product when it is not imported yet (a run of `hardneg mine`
+    # from 2^36 multiply-adds); sentence-transformers imported it above, so its cost is measured apart.
+    t0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run([sys.executable, "-c", "import torch"], check=True)
+    t1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(json.dumps({"torch_import_cpu": t1.ru_utime + t1.ru_stime - t0.ru_utime - t0.ru_stime}), flush=True)
     records = []
     for n in args.sizes:
         print(f"# corpus {n}: load average {os.getloadavg()}", flush=True)
         records.append(bench_size(n, args))
+    # Measured once, at hardneg's first scan (inside its clock); "auto" takes bfloat16 from 1.5x.
+    print(json.dumps({"bf16_speedup": bf16_prefilter.bf16_speedup()}))
     print(f"# done: load average {os.getloadavg()}")
     if args.out:
         with open(args.out, "w") as f:

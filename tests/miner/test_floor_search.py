@@ -10,8 +10,9 @@ from hardneg.miner.mining import floor_search
 from hardneg.miner.mining.floor_search import floor_knn
 
 
+@pytest.mark.parametrize("prefilter", ["off", "bf16"])
 @pytest.mark.parametrize("distance", [COSINE, L2], ids=["cosine", "l2"])
-def test_floor_knn_equals_brute_force(monkeypatch, distance) -> None:
+def test_floor_knn_equals_brute_force(monkeypatch, distance, prefilter) -> None:
     monkeypatch.setattr(floor_search, "CORPUS_BLOCK", 37)  # several corpus blocks, the last one short
     monkeypatch.setattr(floor_search, "QUERY_BLOCK", 5)
     rng = np.random.default_rng(0)
@@ -27,7 +28,7 @@ def test_floor_knn_equals_brute_force(monkeypatch, distance) -> None:
     blocked_q = np.repeat(np.arange(12), 3)
     blocked_r = rng.integers(0, 200, size=36)
     k = 7
-    rows, got_d2, below = floor_knn(q, x, floors, k, distance, (blocked_q, blocked_r))
+    rows, got_d2, below = floor_knn(q, x, floors, k, distance, (blocked_q, blocked_r), prefilter)
     for i in range(12):
         allowed = np.ones(200, bool)
         allowed[blocked_r[blocked_q == i]] = False
@@ -50,8 +51,9 @@ def test_floor_knn_pads_when_too_few_lie_beyond() -> None:
     assert np.all(np.diff(got_d2[:, :3], axis=1) >= 0)
 
 
+@pytest.mark.parametrize("prefilter", ["off", "bf16"])
 @pytest.mark.parametrize("distance", [COSINE, L2], ids=["cosine", "l2"])
-def test_floor_knn_without_radius_is_plain_knn(monkeypatch, distance) -> None:
+def test_floor_knn_without_radius_is_plain_knn(monkeypatch, distance, prefilter) -> None:
     """No radius (no guard): the exact k nearest unblocked rows, over several query blocks run in parallel
     and corpus blocks whose score block is no whole number of 8-entry words."""
     monkeypatch.setattr(floor_search, "CORPUS_BLOCK", 45)
@@ -63,7 +65,7 @@ def test_floor_knn_without_radius_is_plain_knn(monkeypatch, distance) -> None:
     d2 = ((q[:, None, :].astype(np.float64) - x[None]) ** 2).sum(-1)
     blocked_q = np.repeat(np.arange(70), 2)
     blocked_r = np.argsort(d2, 1)[:, [0, 3]].reshape(-1)  # the nearest and the fourth nearest of each query
-    rows, got_d2, below = floor_knn(q, x, np.empty((70, 0)), 9, distance, (blocked_q, blocked_r))
+    rows, got_d2, below = floor_knn(q, x, np.empty((70, 0)), 9, distance, (blocked_q, blocked_r), prefilter)
     assert below.shape == (70, 0)
     for i in range(70):
         allowed = np.ones(301, bool)

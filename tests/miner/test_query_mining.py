@@ -12,11 +12,22 @@ import pytest
 
 from hardneg.miner.errors import NotFoundError, ValidationError
 from hardneg.miner.index import VectorIndex
-from hardneg.miner.mining import MiningConfig
+from hardneg.miner.mining import MiningConfig, bf16_prefilter, floor_search
 from hardneg.miner.mining.guards import Candidates, Guard
 from hardneg.miner.mining.queries import PositiveSets, mine_queries
 
 METRICS = ("cosine", "l2")
+
+
+@pytest.fixture(params=["float32", "bf16"])
+def scan(request, monkeypatch) -> str:
+    """The exact scan as it runs on a small corpus (float32), or through its bfloat16 prefilter in blocks of
+    64 rows (what a large corpus takes where the CPU has bfloat16 instructions): both must give the reference."""
+    if request.param == "bf16":
+        pytest.importorskip("torch")
+        monkeypatch.setattr(bf16_prefilter, "wanted", lambda *_: True)
+        monkeypatch.setattr(floor_search, "CORPUS_BLOCK", 64)
+    return request.param
 
 
 def prep(x: np.ndarray, metric: str) -> np.ndarray:
@@ -65,7 +76,7 @@ def corpus_and_qrels(clusters, metric: str, seed: int = 3):
 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("guards", [{}, {"relative_margin": 0.05}, {"absolute_margin": 0.02, "max_score": 0.9}])
-def test_top_window_equals_brute_force(clusters, metric: str, guards: dict) -> None:
+def test_top_window_equals_brute_force(clusters, metric: str, guards: dict, scan: str) -> None:
     data, index, queries, pos = corpus_and_qrels(clusters, metric)
     if metric == "l2" and "max_score" in guards:
         guards = {**guards, "max_score": -0.5}
@@ -90,7 +101,7 @@ def test_top_window_equals_brute_force(clusters, metric: str, guards: dict) -> N
 
 
 @pytest.mark.parametrize("metric", METRICS)
-def test_guard_drop_counts_equal_reference_over_the_whole_corpus(clusters, metric: str) -> None:
+def test_guard_drop_counts_equal_reference_over_the_whole_corpus(clusters, metric: str, scan: str) -> None:
     data, index, queries, pos = corpus_and_qrels(clusters, metric, seed=9)
     max_score = 0.95 if metric == "cosine" else -0.3
     cfg = MiningConfig(per_anchor=2, absolute_margin=-0.05, relative_margin=0.02, max_score=max_score,

@@ -225,12 +225,13 @@ def _positives_floor_search(index: VectorIndex, vectors: np.ndarray, q: np.ndarr
     """Exact nearest items beyond per-query radii that are neither a positive of the query nor the query itself:
     one blockwise pass over the corpus (:func:`~hardneg.miner.mining.floor_search.floor_knn`)."""
     owner, rows = blocked.keys // max(blocked.n, 1), blocked.keys % max(blocked.n, 1)
+    cache: dict = {}  # the corpus in bfloat16, when a scan takes that path, for the next rounds
 
     def search(pos: np.ndarray, k: int, radii: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         local = np.full(len(q), -1, np.int64)
         local[pos] = np.arange(len(pos))
         mine = local[owner] >= 0
-        return floor_knn(q[pos], vectors, radii, k, index.distance, (local[owner[mine]], rows[mine]))
+        return floor_knn(q[pos], vectors, radii, k, index.distance, (local[owner[mine]], rows[mine]), cache=cache)
 
     return search
 

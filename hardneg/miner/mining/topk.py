@@ -44,3 +44,17 @@ def sort_by_distance(rows: np.ndarray, d2: np.ndarray) -> tuple[np.ndarray, np.n
     """``rows`` and ``d2`` (m, k) reordered per query by ascending ``d2`` (stable)."""
     order = np.argsort(d2, axis=1, kind="stable")
     return np.take_along_axis(rows, order, 1), np.take_along_axis(d2, order, 1)
+
+
+def sparse_nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.nonzero`` of a C-contiguous (b, w) bool ``mask`` that is mostly False: (row, column) pairs in row-major
+    order. The mask is scanned 8 entries at a time (as uint64 words) and only the words that hold one are expanded,
+    several times faster than ``np.nonzero`` when few entries are set."""
+    flat = mask.reshape(-1)
+    whole = len(flat) // 8 * 8
+    at = np.flatnonzero(flat[:whole].view(np.uint64))
+    word, byte = np.nonzero(flat[:whole].reshape(-1, 8)[at])
+    idx = at[word] * 8 + byte
+    if whole < len(flat):
+        idx = np.concatenate([idx, np.flatnonzero(flat[whole:]) + whole])
+    return np.divmod(idx, max(mask.shape[1], 1))
