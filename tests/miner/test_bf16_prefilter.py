@@ -113,3 +113,20 @@ def test_auto_takes_bfloat16_only_for_large_scans(monkeypatch) -> None:
     assert bf16_prefilter.wanted("bf16", 1, 1, 1) and not bf16_prefilter.wanted("off", 5000, 1_000_000, 128)
     with pytest.raises(ValueError, match="prefilter must be one of auto, bf16, off"):
         bf16_prefilter.wanted("fast", 1, 1, 1)
+
+
+def test_torch_threads_are_put_back_after_overlapping_scans() -> None:
+    """Two scans that overlap in time (concurrent requests): torch's thread count is 1 while either runs and the
+    caller's own number afterwards, whichever ends first."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a, b = bf16_prefilter.torch_threads(1), bf16_prefilter.torch_threads(1)
+        a.__enter__()
+        b.__enter__()
+        a.__exit__(None, None, None)
+        assert torch.get_num_threads() == 1
+        b.__exit__(None, None, None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -96,7 +97,12 @@ def bf16_speedup() -> float:
 
 
 class torch_threads:
-    """Set torch's intra-op threads for a ``with`` block, and put the old number back after it."""
+    """Set torch's intra-op threads (a process-wide setting) to ``n`` for a ``with`` block, and put the number
+    back when the last of the blocks that overlap in time (scans of concurrent requests) ends."""
+
+    _lock = threading.Lock()
+    _depth = 0
+    _saved = 0
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -104,13 +110,19 @@ class torch_threads:
     def __enter__(self) -> None:
         import torch
 
-        self.old = torch.get_num_threads()
-        torch.set_num_threads(self.n)
+        with torch_threads._lock:
+            if torch_threads._depth == 0:
+                torch_threads._saved = torch.get_num_threads()
+                torch.set_num_threads(self.n)
+            torch_threads._depth += 1
 
     def __exit__(self, *exc: object) -> None:
         import torch
 
-        torch.set_num_threads(self.old)
+        with torch_threads._lock:
+            torch_threads._depth -= 1
+            if torch_threads._depth == 0:
+                torch.set_num_threads(torch_threads._saved)
 
 
 @dataclass
