@@ -146,6 +146,13 @@ def _scan(q: np.ndarray, x: np.ndarray, half_norm: np.ndarray | None, caps: np.n
                 if w > k:
                     floor = _round_down_f32(low.seed(bits, bound, k))
             r, c, v, err = low.candidates(bits, bound, floor.astype(np.float64))
+            blocked = np.isin(r * w + c, bq[in_block] * w + (br[in_block] - s)) if in_block.any() \
+                else np.zeros(len(r), bool)
+            # A query whose nearest items lie in this block (a snapshot keeps each class together) has hundreds
+            # of candidates: raise its floor from their bfloat16 scores first, and drop those that cannot reach it.
+            floor = _raise_floors(floor, r, v, err, ~blocked & (v + err <= last[r]), k)
+            reach = v + err >= floor[r]
+            r, c, v, err, blocked = r[reach], c[reach], v[reach], err[reach], blocked[reach]
             # Score exactly the candidates that may be kept or that lie within their error of a cap; the others
             # lie beyond the last cap for sure and are counted from their bfloat16 score (under a deep margin,
             # most of them: the ~1,000 nearest documents of the query's topic at 1M).
@@ -153,8 +160,7 @@ def _scan(q: np.ndarray, x: np.ndarray, half_norm: np.ndarray | None, caps: np.n
             for j in range(caps.shape[1]):
                 exact |= np.abs(v - caps[r, j].astype(np.float64)) < err
             v[exact] = _rescore(q, x, half_norm, r[exact], c[exact] + s)
-            if in_block.any():
-                v[np.isin(r * w + c, bq[in_block] * w + (br[in_block] - s))] = -np.inf
+            v[blocked] = -np.inf
         else:
             score = score_buf[:b * w].reshape(b, w)
             np.matmul(q, x[s:e].T, out=score)
@@ -179,6 +185,24 @@ def _scan(q: np.ndarray, x: np.ndarray, half_norm: np.ndarray | None, caps: np.n
             floor = best_s.min(1)
     order = np.lexsort((best_r, -best_s), axis=-1)
     return np.take_along_axis(best_r, order, 1), np.take_along_axis(best_s, order, 1)
+
+
+def _raise_floors(floor: np.ndarray, r: np.ndarray, v: np.ndarray, err: np.ndarray, sure: np.ndarray,
+                  k: int) -> np.ndarray:
+    """Floors (b,) float32 raised, for each query with at least ``k`` ``sure`` candidates (admissible, under the
+    last cap), to the ``k``-th best lower bound ``v - err`` among them: its ``k``-th best exact score is no lower.
+
+    ``r`` (h,) the candidates' queries (sorted), ``v`` their bfloat16 scores, ``err`` how far off those can be."""
+    r, lower = r[sure], (v - err)[sure]
+    counts = np.bincount(r, minlength=len(floor))
+    rows = np.flatnonzero(counts >= k)
+    if not len(rows):
+        return floor
+    order = np.lexsort((-lower, r))  # by query, best lower bound first
+    kth = lower[order][np.cumsum(counts)[rows] - counts[rows] + k - 1]
+    raised = floor.copy()
+    raised[rows] = np.maximum(floor[rows], _round_down_f32(kth))
+    return raised
 
 
 def _round_down_f32(t: np.ndarray) -> np.ndarray:
