@@ -130,3 +130,37 @@ def test_torch_threads_are_put_back_after_overlapping_scans() -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_raised_floors_are_the_kth_best_lower_bound_of_sure_candidates() -> None:
+    rng = np.random.default_rng(4)
+    b, h, k = 6, 200, 5
+    r = np.sort(rng.integers(0, b - 1, h))  # the last query has no candidate
+    v = rng.normal(0.5, 0.1, h).astype(np.float32)
+    err = rng.uniform(0.001, 0.01, h)
+    sure = rng.random(h) < 0.8
+    floor = np.full(b, 0.45, np.float32)
+    got = floor_search._raise_floors(floor, r, v, err, sure, k)
+    for i in range(b):
+        lower = np.sort((v - err)[(r == i) & sure])[::-1]
+        want = max(0.45, lower[k - 1]) if len(lower) >= k else floor[i]
+        assert got[i] <= want and got[i] >= np.float32(want) - 1e-7
+
+
+@pytest.mark.parametrize("distance", [COSINE, L2], ids=["cosine", "l2"])
+def test_scan_through_bfloat16_when_a_query_s_nearest_share_one_block(monkeypatch, distance) -> None:
+    """A snapshot keeps each class together, so a query's nearest items sit in one block: floors raised from that
+    block's bfloat16 scores must not lose any of them (tight clusters: bfloat16 cannot order their members)."""
+    monkeypatch.setattr(floor_search, "CORPUS_BLOCK", 128)
+    rng = np.random.default_rng(5)
+    centres = rng.standard_normal((16, 24)).astype(np.float32)
+    x = distance.prepare(np.repeat(centres, 64, 0) + 2e-3 * rng.standard_normal((1024, 24)).astype(np.float32))
+    q = distance.prepare(centres[rng.integers(0, 16, 40)] + 0.05 * rng.standard_normal((40, 24)).astype(np.float32))
+    d2 = ((q[:, None, :].astype(np.float64) - x[None]) ** 2).sum(-1)
+    k = 10
+    rows, got_d2, _ = floor_knn(q, x, np.empty((40, 0)), k, distance, prefilter="bf16")
+    want_d2 = np.sort(d2, 1)[:, :k]
+    # l2 d² comes from |q|² - 2·score in float32, which loses ~1e-5 at |q|² ≈ 24; cosine keeps 1e-6.
+    atol = 1e-6 if distance is COSINE else 5e-5
+    np.testing.assert_allclose(got_d2, want_d2, rtol=0, atol=atol)
+    np.testing.assert_allclose(np.take_along_axis(d2, rows, 1), want_d2, rtol=0, atol=atol)
