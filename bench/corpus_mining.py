@@ -161,18 +161,28 @@ def overlap(a: list[tuple], b: list[tuple]) -> dict:
             "identical_rows": same / max(1, len(common)), "mean_shared": float(np.mean(shared)) if shared else None}
 
 
-def differing_rows_tied(a: list[tuple], b: list[tuple], corpus: Corpus, atol: float = 5e-7) -> dict:
-    """Of the (query, positive) rows both wrote whose negatives differ: how many are float32 ties, i.e. both lists'
-    exact (float64) scores agree place by place within ``atol`` (a few float32 steps at cosine scores)."""
+def differing_rows_tied(a: list[tuple], b: list[tuple], corpus: Corpus, relative_margin: float | None,
+                        atol: float = 5e-7) -> dict:
+    """Of the (query, positive) rows both wrote whose negatives differ: how many come from float32 ties, i.e. both
+    lists' exact (float64) scores agree place by place within ``atol`` (a few float32 steps at cosine scores), or,
+    under a relative margin, some document lies within ``atol`` of the margin's cap (of one of the query's
+    positives), so that rounding decides whether it is dropped and the window after it shifts by one."""
     ka = {(r[0], r[1]): r[2:] for r in a}
     kb = {(r[0], r[1]): r[2:] for r in b}
     differ = [k for k in ka.keys() & kb.keys() if ka[k] != kb[k]]
     tied = 0
     for k in differ:
-        q = corpus.queries[int(k[0][1:])].astype(np.float64)
+        qi = int(k[0][1:])
+        q = corpus.queries[qi].astype(np.float64)
         sa = corpus.docs[[int(t[1:]) for t in ka[k]]].astype(np.float64) @ q
         sb = corpus.docs[[int(t[1:]) for t in kb[k]]].astype(np.float64) @ q
-        tied += bool(np.allclose(sa, sb, rtol=0, atol=atol))
+        at_cap = False
+        if relative_margin is not None:
+            scores = corpus.docs.astype(np.float64) @ q
+            pos = scores[corpus.positives[qi]]
+            caps = pos - np.abs(pos) * relative_margin  # sentence-transformers' rule
+            at_cap = bool((np.abs(scores[:, None] - caps[None]) < atol).any())
+        tied += bool(np.allclose(sa, sb, rtol=0, atol=atol)) or at_cap
     return {"differing_rows": len(differ), "of_them_ties": tied}
 
 
@@ -192,7 +202,7 @@ def bench_size(n: int, args: argparse.Namespace) -> dict:
             f32, rec["float32_wall"], rec["float32_cpu"] = clocks(lambda: run_hardneg(index, corpus, opts,
                                                                                       prefilter="off"))
             rec["float32_overlap"] = overlap(f32, hn)
-            rec["float32_overlap"].update(differing_rows_tied(f32, hn, corpus))
+            rec["float32_overlap"].update(differing_rows_tied(f32, hn, corpus, opts.get("relative_margin")))
         if args.before:
             old, rec["before_wall"], rec["before_cpu"] = clocks(lambda: run_hardneg(index, corpus, opts, one_pass=False))
             rec["before_overlap"] = overlap(old, hn)
@@ -210,7 +220,7 @@ def bench_size(n: int, args: argparse.Namespace) -> dict:
         rec["ratio_cpu"] = cpu / rec["hardneg_cpu"]
         rec["ratio_wall_with_build"] = wall / (rec["hardneg_wall"] + build_wall)
         rec["overlap"] = overlap(st, hn)
-        rec["overlap"].update(differing_rows_tied(st, hn, corpus))
+        rec["overlap"].update(differing_rows_tied(st, hn, corpus, opts.get("relative_margin")))
         if args.before:
             rec["before_ratio_cpu"], rec["before_ratio_wall"] = cpu / rec["before_cpu"], wall / rec["before_wall"]
         if args.float32:
