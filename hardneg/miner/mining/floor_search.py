@@ -26,14 +26,18 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from hardneg.miner.distances import Distance
 from hardneg.miner.mining import bf16_prefilter
-from hardneg.miner.mining.bf16_prefilter import Bf16Corpus, Prefilter, torch_threads
+from hardneg.miner.mining.bf16_prefilter import Bf16Corpus, Bf16Queries, Prefilter, torch_threads
 from hardneg.miner.mining.topk import score_to_d2, sparse_nonzero
+
+if TYPE_CHECKING:
+    import torch
 
 # Queries and corpus rows per block: a (1024, 8192) float32 score block is 32 MiB per thread.
 QUERY_BLOCK = 1024
@@ -137,45 +141,13 @@ def _scan(q: np.ndarray, x: np.ndarray, half_norm: np.ndarray | None, caps: np.n
         low_out = torch.empty((b, min(CORPUS_BLOCK, n)), dtype=torch.bfloat16)
     for s in range(0, n, CORPUS_BLOCK):
         e = min(s + CORPUS_BLOCK, n)
-        w = e - s
         in_block = (br >= s) & (br < e)
+        block_blocked = (bq[in_block], br[in_block] - s)
+        hn = None if half_norm is None else half_norm[s:e]
         if low is not None and (s > 0 or not caps.shape[1]):
-            bits, bound = low.product(low_q, s, e, low_out)
-            if s == 0:
-                bits[bq[in_block], br[in_block]] = np.int16(-128)  # -inf: never a seed
-                if w > k:
-                    floor = _round_down_f32(low.seed(bits, bound, k))
-            r, c, v, err = low.candidates(bits, bound, floor.astype(np.float64))
-            blocked = np.isin(r * w + c, bq[in_block] * w + (br[in_block] - s)) if in_block.any() \
-                else np.zeros(len(r), bool)
-            # A query whose nearest items lie in this block (a snapshot keeps each class together) has hundreds
-            # of candidates: raise its floor from their bfloat16 scores first, and drop those that cannot reach it.
-            floor = _raise_floors(floor, r, v, err, ~blocked & (v + err <= last[r]), k)
-            reach = v + err >= floor[r]
-            r, c, v, err, blocked = r[reach], c[reach], v[reach], err[reach], blocked[reach]
-            # Score exactly the candidates that may be kept or that lie within their error of a cap; the others
-            # lie beyond the last cap for sure and are counted from their bfloat16 score (under a deep margin,
-            # most of them: the ~1,000 nearest documents of the query's topic at 1M).
-            exact = v - err <= last[r]
-            for j in range(caps.shape[1]):
-                exact |= np.abs(v - caps[r, j].astype(np.float64)) < err
-            v[exact] = _rescore(q, x, half_norm, r[exact], c[exact] + s)
-            v[blocked] = -np.inf
+            r, c, v, floor = _bf16_block(low, low_q, low_out, q, x[s:e], hn, s, k, caps, floor, block_blocked)
         else:
-            score = score_buf[:b * w].reshape(b, w)
-            np.matmul(q, x[s:e].T, out=score)
-            if half_norm is not None:
-                score -= half_norm[s:e]
-            if in_block.any():
-                score[bq[in_block], br[in_block] - s] = -np.inf
-            if s == 0 and w > k:
-                # Seed the floors with the first block's k-th best entry under the cap, so that no block (the first
-                # one included) yields more than the few entries that can still enter the top-k.
-                floor = np.partition(np.where(score > last[:, None], -np.inf, score), w - k, axis=1)[:, w - k]
-            hit = hit_buf[:b * w].reshape(b, w)
-            np.greater_equal(score, floor[:, None], out=hit)
-            r, c = sparse_nonzero(hit)
-            v = score[r, c]
+            r, c, v, floor = _float32_block(q, x[s:e], hn, s == 0, k, last, floor, block_blocked, score_buf, hit_buf)
         # Every entry above a cap is a hit (a floor never exceeds the last cap): count them, then drop them.
         for j in range(caps.shape[1]):
             below[:, j] += np.bincount(r[v > caps[r, j]], minlength=b)
@@ -185,6 +157,58 @@ def _scan(q: np.ndarray, x: np.ndarray, half_norm: np.ndarray | None, caps: np.n
             floor = best_s.min(1)
     order = np.lexsort((best_r, -best_s), axis=-1)
     return np.take_along_axis(best_r, order, 1), np.take_along_axis(best_s, order, 1)
+
+
+def _float32_block(q: np.ndarray, x: np.ndarray, half_norm: np.ndarray | None, first: bool, k: int,
+                   last: np.ndarray, floor: np.ndarray, blocked: tuple[np.ndarray, np.ndarray], score_buf: np.ndarray,
+                   hit_buf: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One corpus block ``x`` (w, d) scored in float32: its entries (query, column, score) at or above each query's
+    floor, and the floors (seeded on the ``first`` block)."""
+    b, w = len(q), len(x)
+    score = score_buf[:b * w].reshape(b, w)
+    np.matmul(q, x.T, out=score)
+    if half_norm is not None:
+        score -= half_norm
+    score[blocked] = -np.inf
+    if first and w > k:
+        # Seed the floors with the first block's k-th best entry under the cap, so that no block (the first one
+        # included) yields more than the few entries that can still enter the top-k.
+        floor = np.partition(np.where(score > last[:, None], -np.inf, score), w - k, axis=1)[:, w - k]
+    hit = hit_buf[:b * w].reshape(b, w)
+    np.greater_equal(score, floor[:, None], out=hit)
+    r, c = sparse_nonzero(hit)
+    return r, c, score[r, c], floor
+
+
+def _bf16_block(low: Bf16Corpus, low_q: Bf16Queries, low_out: torch.Tensor, q: np.ndarray, x: np.ndarray,
+                half_norm: np.ndarray | None, s: int, k: int, caps: np.ndarray, floor: np.ndarray,
+                blocked: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The same through the block's bfloat16 product (``x`` is rows ``s..e`` of the corpus that ``low`` holds):
+    entries that can reach a floor or lie above a cap, with their float32 score, or their bfloat16 one where it
+    surely lies beyond the last cap; blocked entries at -inf."""
+    b, w = len(q), len(x)
+    last = caps[:, -1] if caps.shape[1] else np.full(b, np.inf, np.float32)
+    bits, bound = low.product(low_q, s, s + w, low_out)
+    if s == 0:
+        bits[blocked] = np.int16(-128)  # -inf: never a seed
+        if w > k:
+            floor = _round_down_f32(low.seed(bits, bound, k))
+    r, c, v, err = low.candidates(bits, bound, floor.astype(np.float64))
+    is_blocked = np.isin(r * w + c, blocked[0] * w + blocked[1]) if len(blocked[0]) else np.zeros(len(r), bool)
+    # A query whose nearest items lie in this block (a snapshot keeps each class together) has hundreds of
+    # candidates: raise its floor from their bfloat16 scores first, and drop those that cannot reach it.
+    floor = _raise_floors(floor, r, v, err, ~is_blocked & (v + err <= last[r]), k)
+    reach = v + err >= floor[r]
+    r, c, v, err, is_blocked = r[reach], c[reach], v[reach], err[reach], is_blocked[reach]
+    # Score exactly the candidates that may be kept or that lie within their error of a cap; the others lie
+    # beyond the last cap for sure and are counted from their bfloat16 score (under a deep margin, most of them:
+    # the ~1,000 nearest documents of the query's topic at 1M).
+    exact = v - err <= last[r]
+    for j in range(caps.shape[1]):
+        exact |= np.abs(v - caps[r, j].astype(np.float64)) < err
+    v[exact] = _rescore(q, x, half_norm, r[exact], c[exact])
+    v[is_blocked] = -np.inf
+    return r, c, v, floor
 
 
 def _raise_floors(floor: np.ndarray, r: np.ndarray, v: np.ndarray, err: np.ndarray, sure: np.ndarray,
