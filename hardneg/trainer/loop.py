@@ -320,14 +320,14 @@ class Trainer:
         """Train until ``cfg.epochs``; publish the final model; return where everything is and the metrics."""
         started = time.monotonic() - (self.state.history[-1]["elapsed_s"] if self.state.history else 0.0)
         self._rewrite_metrics_file()
-        if not self.state.history:
-            self._finish_epoch(None, None, started)  # epoch 0: the untrained model
-        if self.cfg.refresh == "async":
+        if self.cfg.refresh == "async":  # first: its start (imports) overlaps epoch 0's evaluation and the warm-up
             self.background = RefreshWorker(WorkerInputs(self.cfg.to_dict(), self.model_spec, self.x_train,
                                                          self.y_train, self.splits.train.y,
                                                          self.publisher.thumbs))
         finished = False
         try:
+            if not self.state.history:
+                self._finish_epoch(None, None, started)  # epoch 0: the untrained model
             self._epochs(started)
             finished = True
         finally:
@@ -403,6 +403,22 @@ class Trainer:
         self._refreshed(step, stats)
         return stats
 
+    def _refresh_first(self, epoch: int, step: int) -> tuple[None, dict[str, Any] | None]:
+        """An async run's first refresh, before ``step`` of ``epoch``: the recipe takes its data now, from this
+        process's embeddings of the training set and an unpublished index of them, as a sync refresh does but
+        without the export and the store; the worker publishes the same weights' snapshot meanwhile (the loop
+        hands them over right after), and its result, the same data, is taken over as usual.
+
+        Until then the recipe has nothing but the warm-up to train on, and the worker may still be starting
+        (importing torch and FAISS: seconds, several epochs of a small run)."""
+        with self.timer.phase("embed"):
+            embeddings = embed_items(self.model, self.x_train, self.cfg.eval_batch_size)
+        index = self.publisher.index(embeddings, self.splits.train.y)
+        with self.timer.phase("mine"):
+            stats = self.recipe.refresh(self.model, Snapshot(None, index, embeddings, epoch))
+        self._refreshed(step, stats)
+        return None, stats
+
     def _refreshed(self, step: int, stats: dict[str, Any] | None) -> None:
         """Record a synchronous refresh from the weights before ``step``."""
         if stats is not None:  # the recipe took mined data from it
@@ -436,6 +452,9 @@ class Trainer:
         elif bg.busy:
             self.refreshes.skipped += int(due)
         elif due or self.state.refresh_pending:  # pending: the refresh a killed run had in flight
+            if due and self.state.snapshot is None and not self.state.refresh_pending:
+                self.refreshes.last = self._refresh_first(epoch, step)
+                switched = True
             bg.submit(RefreshRequest(step, epoch, clone_weights(self.model), self._snapshot_meta("refresh", step)))
             self.state.refresh_pending = True
             self.refreshes.started += 1

@@ -53,6 +53,7 @@ class WatchedClassBatches(ClassBatches):
         self.batches_checked = 0
         self.mismatches: list[str] = []
         self.take_overs = 0
+        self.tables: list[np.ndarray] = []  # every class table loaded, in order
 
     def plan(self, epoch: int) -> Any:
         self.planned_from = self.neighbours
@@ -61,6 +62,7 @@ class WatchedClassBatches(ClassBatches):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.take_overs += 1
+        self.tables.append(self.neighbours)
 
     def loss(self, model: torch.nn.Module, batch: np.ndarray) -> Any:
         if self.take_overs < 3:
@@ -97,7 +99,15 @@ def test_async_take_over_at_step_boundaries(tmp_path: Path) -> None:
     assert recipe.batches_checked > 0
     epoch_starts = {r["step"] for r in history}
     assert any(end not in epoch_starts for _, end in spans), f"no take-over inside an epoch: {spans}"
-    for (start, end), (next_start, _) in zip(spans, spans[1:]):
+    # the first refresh ran in the training process, before the first step after the warm-up (nothing mined yet),
+    # and its weights went to the worker, which published their snapshot; every later one ran in the worker
+    first = history[1]["step"]  # the warm-up is one epoch
+    assert spans[0] == [first, first] and spans[1][0] == first, spans
+    assert history[2]["refresh"]["spans"][0] == [first, first] and history[2]["mining"] is not None
+    assert history[2]["staleness"]["batches"] == history[2]["train"]["steps"]  # no warm-up batch after the warm-up
+    # both computed the same table from the same weights (this process's embeddings, and the worker's)
+    np.testing.assert_array_equal(recipe.tables[0], recipe.tables[1])
+    for (start, end), (next_start, _) in zip(spans[1:], spans[2:]):
         assert start < end <= next_start  # one refresh in flight; the weights are older than the take-over
     # staleness: each batch's step minus the step of the weights its table came from
     for r in history[1:]:
