@@ -62,6 +62,7 @@ class Spec:
     train: str
     eval: str
     workdir: str
+    publish_every: int = 1  # of the global methods: every refresh published (1), or every N-th
 
 
 @dataclass
@@ -80,7 +81,7 @@ def run_one(spec: Spec) -> Record:
               "threads": 1, "keep_snapshots": 1, "store": str(Path(spec.workdir) / "stores" / tag),
               "run_dir": str(Path(spec.workdir) / "runs" / tag)}
     schedule = ({"refresh_every": spec.epochs, "warmup_epochs": 0} if spec.method == "in-batch" else
-                {"refresh_every_steps": spec.steps})
+                {"refresh_every_steps": spec.steps, "publish_every": spec.publish_every})
     cfg = TrainConfig.from_dict({**common, **schedule, **METHODS[spec.method]})
     trainer = loop.Trainer.create(cfg)
     children = _children_cpu()
@@ -187,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--tasks", default="pairs,triples", help=f"comma-separated, of: {', '.join(TASKS)}")
     p.add_argument("--steps", type=int, default=0, help="refresh every N steps (default: a third of an epoch)")
+    p.add_argument("--publish-every", type=int, default=1,
+                   help="global methods: publish every N-th refresh's snapshot (the others export and store nothing)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -208,7 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             steps = args.steps or max(1, sizes.classes * sizes.train_per_class_samples // 128 // 3)
             for seed in range(args.first_seed, args.first_seed + args.seeds):
                 for method in args.methods.split(","):
-                    rec = run_one(Spec(method, task, seed, args.epochs, steps, train, evaluate, tmp))
+                    rec = run_one(Spec(method, task, seed, args.epochs, steps, train, evaluate, tmp,
+                                       args.publish_every))
                     records.append(rec)
                     log.info("%-8s %-8s seed %d: MAP@R %.3f, %.2f s wall, %.2f s CPU (refresh every %d steps)",
                              task, method, seed, rec.metrics["map_at_r"][-1], rec.wall_seconds[-1],

@@ -144,6 +144,7 @@ class RunState:
     mined_step: int | None = None  # the step of the weights the recipe's current mined data came from
     refresh_due_step: int | None = None  # refresh_every_steps: the step at which the last refresh fell due
     refresh_pending: bool = False  # async: a refresh was in flight (a resumed run starts it again)
+    refresh_count: int = 0  # refreshes started (async: handed to the worker), for publish_every
 
 
 @dataclass
@@ -306,7 +307,8 @@ class Trainer:
                          snapshot=ckpt["snapshot"], snapshot_epoch=ckpt["snapshot_epoch"],
                          best_map_at_r=ckpt["best_map_at_r"], mined_step=ckpt.get("mined_step"),
                          refresh_due_step=ckpt.get("refresh_due_step"),
-                         refresh_pending=bool(ckpt.get("refresh_pending", False)))
+                         refresh_pending=bool(ckpt.get("refresh_pending", False)),
+                         refresh_count=int(ckpt.get("refresh_count", 0)))
         log.info("resuming %s after epoch %d of %d", run_dir, state.epoch, cfg.epochs)
         splits = load_splits(cfg)
         check_world(dist, len(splits.train), cfg.batch_size)
@@ -373,8 +375,10 @@ class Trainer:
         name (None: not published) and the recipe's statistics. A refresh that ``cfg.is_publish_epoch`` leaves
         unpublished embeds what the recipe asks."""
         done, step = self.state.epoch, self.state.step if step is None else step
-        if epoch is not None and self.cfg.is_refresh_epoch(epoch) and not self.cfg.is_publish_epoch(epoch):
-            items = self.recipe.refresh_items(epoch)  # (a refresh off the schedule, on drift, always publishes)
+        if epoch is not None:
+            publish = self._publishes(epoch)
+            self.state.refresh_count += 1
+            items = None if publish else self.recipe.refresh_items(epoch)
             if items is not None:
                 return None, self._refresh_unpublished(epoch, step, items)
         meta = self._snapshot_meta("final" if epoch is None else "refresh", step)
@@ -390,6 +394,14 @@ class Trainer:
             stats = self.recipe.refresh(self.model, snapshot)
         self._refreshed(step, stats)
         return published.name, stats
+
+    def _publishes(self, epoch: int) -> bool:
+        """Whether the sync refresh before (a step of) ``epoch`` publishes its snapshot (``publish_every``): by epochs,
+        on the schedule's publish epochs (a refresh off the schedule, on drift, always publishes); by steps, every
+        ``publish_every``-th refresh of the run."""
+        if self.cfg.refresh_every_steps is not None:
+            return self.cfg.is_publish_refresh(self.state.refresh_count)
+        return not self.cfg.is_refresh_epoch(epoch) or self.cfg.is_publish_epoch(epoch)
 
     def _refresh_unpublished(self, epoch: int, step: int, items: np.ndarray) -> dict[str, Any] | None:
         """A refresh before ``epoch`` that publishes no snapshot (``publish_every``): embed only the training
@@ -455,20 +467,31 @@ class Trainer:
             if due and self.state.snapshot is None and not self.state.refresh_pending:
                 self.refreshes.last = self._refresh_first(epoch, step)
                 switched = True
-            bg.submit(RefreshRequest(step, epoch, clone_weights(self.model), self._snapshot_meta("refresh", step)))
-            self.state.refresh_pending = True
-            self.refreshes.started += 1
+            self._submit(bg, epoch, step, due)
         # sync: the whole refresh; async: the training process's share (hand-over and bookkeeping)
         self.refreshes.wait_s += time.perf_counter() - t0
         self.refreshes.wait_cpu_s += time.process_time() - c0
         return switched
+
+    def _submit(self, bg: RefreshWorker, epoch: int, step: int, due: bool) -> None:
+        """Hand the weights before ``step`` to the worker. A due refresh publishes its snapshot when it is the
+        run's first or a ``publish_every``-th (:meth:`TrainConfig.is_publish_refresh`); the others export and
+        store nothing and embed only what the recipe asks (``recipe.refresh_items``), as sync ones do. The refresh
+        a killed run had in flight (not due) publishes."""
+        publish = not due or self.cfg.is_publish_refresh(self.state.refresh_count)
+        self.state.refresh_count += int(due)
+        bg.submit(RefreshRequest(step, epoch, clone_weights(self.model), self._snapshot_meta("refresh", step),
+                                 publish))
+        self.state.refresh_pending = True
+        self.refreshes.started += 1
 
     def _take_over(self, result: RefreshResult, step: int) -> bool:
         """The recipe loads what the async refresh of ``result.step``'s weights computed, before step ``step``."""
         if result.state:
             self.recipe.load_state_dict(result.state)
             self.state.mined_step = result.step
-        self.state.snapshot, self.state.snapshot_epoch = result.snapshot, result.epoch - 1
+        if result.snapshot is not None:  # None: a refresh that published nothing
+            self.state.snapshot, self.state.snapshot_epoch = result.snapshot, result.epoch - 1
         self.state.refresh_pending = False
         r = self.refreshes
         r.finished += 1
@@ -572,7 +595,7 @@ class Trainer:
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
             "recipe": self.recipe.state_dict(), "mined_step": s.mined_step, "refresh_due_step": s.refresh_due_step,
-            "refresh_pending": s.refresh_pending,
+            "refresh_pending": s.refresh_pending, "refresh_count": s.refresh_count,
             "snapshot": s.snapshot, "snapshot_epoch": s.snapshot_epoch,
             "history": s.history, "best_map_at_r": s.best_map_at_r,
         })
