@@ -11,7 +11,10 @@ The worker is a separate process (``torch.multiprocessing``, spawn), so that the
 threads do not slow each other. It is started once per run with the training items (shared memory, not
 copied per refresh), builds the model from the run's config, and then, per request: loads the weights,
 embeds every training item, publishes the snapshot (the store's atomic publish; while the worker runs it is
-the run's only writer) and computes the recipe's refresh. One request is in flight at a time.
+the run's only writer) and computes the recipe's refresh. A request that publishes nothing (``publish_every``)
+embeds only the recipe's ``refresh_items`` and exports and stores nothing, as a sync refresh does. One request
+is in flight at a time. The loop starts the worker with the run and does the run's first refresh itself
+(:meth:`hardneg.trainer.loop.Trainer._refresh_first`); the worker publishes that one's snapshot.
 
 Failure handling: a worker that raises sends its traceback, and training stops with it (the error would
 recur). A worker that dies (killed, out of memory) is reported and restarted once, with the refresh it was

@@ -16,10 +16,12 @@ One epoch ``e`` (1-based) of :class:`Trainer`:
 With ``refresh_every_steps`` the refreshes fall at step boundaries instead (the first after the warm-up epochs),
 and the rest of the epoch is planned anew from what the recipe took (``recipe.batches`` with a generator seeded
 by (seed, epoch, step)). With ``refresh = "async"`` a worker process refreshes while training goes on
-(:mod:`hardneg.trainer.async_refresh`): at a boundary where a refresh is due the loop hands it a copy of the
-weights (or, while one is in flight, skips it and counts that), and at the first boundary after it is done the
-recipe loads what it computed and the rest of the epoch is planned from it. Every batch records the step of the
-weights its mined data came from: each epoch's line holds that staleness and the refreshes' timings.
+(:mod:`hardneg.trainer.async_refresh`, started with the run): at a boundary where a refresh is due the loop
+hands it a copy of the weights (or, while one is in flight, skips it and counts that), and at the first boundary
+after it is done the recipe loads what it computed and the rest of the epoch is planned from it; the run's first
+refresh runs in this process (nothing to train on but the warm-up until then), and the worker publishes it.
+Every batch records the step of the weights its mined data came from: each epoch's line holds that staleness
+and the refreshes' timings.
 
 Epoch 0 evaluates the untrained model. Every random choice of epoch ``e`` comes from a generator seeded by
 (seed, e), so a run resumed from ``last.pt`` draws what the uninterrupted run drew. Every phase of an epoch is
