@@ -194,7 +194,8 @@ def test_an_unpublished_refresh_stores_nothing_and_samples_as_sync_does(tmp_path
 
 def test_an_async_run_publishes_its_first_and_final_snapshots(tmp_path: Path) -> None:
     """publish_every above the run's refreshes: the worker's other refreshes store nothing."""
-    cfg = TrainConfig.from_dict({"epochs": 4, "refresh": "async", "refresh_every_steps": 3, "batch_size": 32,
+    # epochs: room for a slow worker start (each step sleeps until the third take-over)
+    cfg = TrainConfig.from_dict({"epochs": 8, "refresh": "async", "refresh_every_steps": 3, "batch_size": 32,
                                  "per_class": 8, "seed": 2, "threads": 1, "publish_every": 1000,
                                  "keep_snapshots": 50, "store": str(tmp_path / "store"),
                                  "run_dir": str(tmp_path / "run")})
