@@ -12,8 +12,10 @@ Methods (hardneg's CNN, triplet loss, margin, batch and Adam of bench/quality.py
 Clocks per epoch: wall-clock seconds of training and of the refresh work the training process does (all of
 a sync refresh; the hand-over of an async one); CPU seconds of the training process plus, for ``async``, the
 worker's CPU seconds, all of them: each finished refresh's in its epoch, the rest (the worker's start, and a
-refresh cut short at the end) in epoch 1. Every run uses one thread (the worker one more), and the
-runs go one after another, so that the worker has the second core. Each method's MAP@R is compared at equal
+refresh cut short at the end) in epoch 1; and the training process's own CPU seconds (training and its
+refresh work, without the worker's): its wall-clock when it has a core to itself, which a loaded machine's wall
+figures do not show. Every run uses one thread (the worker one more), and the runs go one after another, so
+that the worker has the second core. Each method's MAP@R is compared at equal
 epochs and at equal wall and CPU time (interpolated, :func:`quality.at_time`), mean ± std over seeds.
 
 Usage: ``.venv/bin/python bench/async_refresh.py [--seeds 3] [--epochs 8] [--tasks pairs,triples]``;
@@ -62,6 +64,7 @@ class Spec:
     train: str
     eval: str
     workdir: str
+    publish_every: int = 1  # of the global methods: every refresh published (1), or every N-th
 
 
 @dataclass
@@ -71,6 +74,7 @@ class Record(RunRecord):
     staleness: list[float | None] | None = None
     refreshes: list[int] | None = None
     skipped: list[int] | None = None
+    trainer_cpu_seconds: float = 0.0  # the training process's own CPU (training and refresh work), whole run
 
 
 def run_one(spec: Spec) -> Record:
@@ -80,7 +84,7 @@ def run_one(spec: Spec) -> Record:
               "threads": 1, "keep_snapshots": 1, "store": str(Path(spec.workdir) / "stores" / tag),
               "run_dir": str(Path(spec.workdir) / "runs" / tag)}
     schedule = ({"refresh_every": spec.epochs, "warmup_epochs": 0} if spec.method == "in-batch" else
-                {"refresh_every_steps": spec.steps})
+                {"refresh_every_steps": spec.steps, "publish_every": spec.publish_every})
     cfg = TrainConfig.from_dict({**common, **schedule, **METHODS[spec.method]})
     trainer = loop.Trainer.create(cfg)
     children = _children_cpu()
@@ -98,6 +102,7 @@ def run_one(spec: Spec) -> Record:
             worker_cpu = sum(v for k, v in r["refresh"]["worker"].items() if k.endswith("_cpu_s"))
             worker_cpu += startup if r["epoch"] == 1 else 0.0
             wall += t["train_s"] + charged * t["refresh_s"]
+            rec.trainer_cpu_seconds += t["train_cpu_s"] + charged * t["refresh_cpu_s"]
             cpu += t["train_cpu_s"] + charged * (t["refresh_cpu_s"] + worker_cpu)
             rec.staleness.append(r["staleness"]["mean"])
             rec.refreshes.append(r["refresh"]["finished"])
@@ -135,6 +140,7 @@ def summarise(records: Sequence[Record], epochs: int) -> dict[str, Any]:
                 "method": m, "seeds": len(runs),
                 "wall_s_per_epoch": asdict(Cell.of([r.wall_seconds[-1] / epochs for r in runs])),
                 "cpu_s_per_epoch": asdict(Cell.of([r.cpu_seconds[-1] / epochs for r in runs])),
+                "trainer_cpu_s_per_epoch": asdict(Cell.of([r.trainer_cpu_seconds / epochs for r in runs])),
                 "map_at_r_by_epoch": [asdict(Cell.of([at_epoch(r, "map_at_r", e) for r in runs]))
                                       for e in range(epochs + 1)],
                 "staleness_mean": _mean([s for r in runs for s in r.staleness or [] if s is not None]),
@@ -158,13 +164,15 @@ def markdown(summary: dict[str, Any], epochs: int, load: str) -> str:
     lines = []
     for task, s in summary.items():
         b = s["budgets"]
-        head = (["method", "wall s/epoch", "CPU s/epoch", "refreshes (skipped)", "staleness (steps)"]
+        head = (["method", "wall s/epoch", "CPU s/epoch", "trainer CPU s/epoch", "refreshes (skipped)",
+                 "staleness (steps)"]
                 + [f"MAP@R ep {e}" for e in (2, epochs // 2, epochs)]
                 + [f"MAP@R @{x} s wall" for x in b["wall"]] + [f"MAP@R @{x} s CPU" for x in b["cpu"]])
         lines += [f"**{task}** ({10 ** TASKS[task].digits} classes, {PROTOCOL}; load average {load})", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in s["rows"]:
             cells = [row["method"], _cell(row["wall_s_per_epoch"], 2), _cell(row["cpu_s_per_epoch"], 2),
+                     _cell(row["trainer_cpu_s_per_epoch"], 2),
                      f"{row['refreshes']:.1f} ({row['skipped']:.1f})",
                      "-" if row["staleness_mean"] is None else f"{row['staleness_mean']:.1f}"]
             cells += [_cell(row["map_at_r_by_epoch"][e]) for e in (2, epochs // 2, epochs)]
@@ -187,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--tasks", default="pairs,triples", help=f"comma-separated, of: {', '.join(TASKS)}")
     p.add_argument("--steps", type=int, default=0, help="refresh every N steps (default: a third of an epoch)")
+    p.add_argument("--publish-every", type=int, default=1,
+                   help="global methods: publish every N-th refresh's snapshot (the others export and store nothing)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -208,7 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             steps = args.steps or max(1, sizes.classes * sizes.train_per_class_samples // 128 // 3)
             for seed in range(args.first_seed, args.first_seed + args.seeds):
                 for method in args.methods.split(","):
-                    rec = run_one(Spec(method, task, seed, args.epochs, steps, train, evaluate, tmp))
+                    rec = run_one(Spec(method, task, seed, args.epochs, steps, train, evaluate, tmp,
+                                       args.publish_every))
                     records.append(rec)
                     log.info("%-8s %-8s seed %d: MAP@R %.3f, %.2f s wall, %.2f s CPU (refresh every %d steps)",
                              task, method, seed, rec.metrics["map_at_r"][-1], rec.wall_seconds[-1],

@@ -11,7 +11,10 @@ The worker is a separate process (``torch.multiprocessing``, spawn), so that the
 threads do not slow each other. It is started once per run with the training items (shared memory, not
 copied per refresh), builds the model from the run's config, and then, per request: loads the weights,
 embeds every training item, publishes the snapshot (the store's atomic publish; while the worker runs it is
-the run's only writer) and computes the recipe's refresh. One request is in flight at a time.
+the run's only writer) and computes the recipe's refresh. A request that publishes nothing (``publish_every``)
+embeds only the recipe's ``refresh_items`` and exports and stores nothing, as a sync refresh does. One request
+is in flight at a time. The loop starts the worker with the run and does the run's first refresh itself
+(:meth:`hardneg.trainer.loop.Trainer._refresh_first`); the worker publishes that one's snapshot.
 
 Failure handling: a worker that raises sends its traceback, and training stops with it (the error would
 recur). A worker that dies (killed, out of memory) is reported and restarted once, with the refresh it was
@@ -27,12 +30,17 @@ import os
 import queue
 import signal
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.multiprocessing as mp
+
+if TYPE_CHECKING:
+    from hardneg.trainer.recipes.base import Snapshot
+    from hardneg.trainer.refresh import SnapshotPublisher
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +50,14 @@ CLOSE_TIMEOUT_S = 300.0
 
 @dataclass(frozen=True)
 class RefreshRequest:
-    """One refresh: the weights taken at optimizer step ``step`` of ``epoch``, and the snapshot's metadata."""
+    """One refresh: the weights taken at optimizer step ``step`` of ``epoch``, and the snapshot's metadata;
+    ``publish`` False: publish nothing (``publish_every``), embed only the recipe's ``refresh_items``."""
 
     step: int
     epoch: int
     weights: dict[str, torch.Tensor]
     meta: dict[str, Any]
+    publish: bool = True
 
 
 @dataclass(frozen=True)
@@ -57,7 +67,7 @@ class RefreshResult:
 
     step: int
     epoch: int
-    snapshot: str
+    snapshot: str | None  # None: the refresh published nothing
     state: dict[str, Any]
     stats: dict[str, Any] | None
     timing: dict[str, float]
@@ -186,8 +196,8 @@ def worker_main(inputs: WorkerInputs, requests: Any, results: Any) -> None:
     from hardneg.trainer.losses import make_loss
     from hardneg.trainer.models import build_model
     from hardneg.trainer.recipes import recipe_class
-    from hardneg.trainer.recipes.base import RecipeContext, Snapshot, TrainData
-    from hardneg.trainer.refresh import SnapshotPublisher, embed_items
+    from hardneg.trainer.recipes.base import RecipeContext, TrainData
+    from hardneg.trainer.refresh import SnapshotPublisher
     from hardneg.trainer.runtime import set_threads
     from hardneg.trainer.timing import PhaseTimer
 
@@ -205,18 +215,39 @@ def worker_main(inputs: WorkerInputs, requests: Any, results: Any) -> None:
     while (request := requests.get()) is not None:
         try:
             model.load_state_dict(request.weights)
-            with timer.phase("embed"):
-                embeddings = embed_items(model, inputs.x, cfg.eval_batch_size)
-            if os.getppid() != inputs.parent:
+            snapshot = _embed_and_publish(request, model, inputs, publisher, recipe.refresh_items)
+            if snapshot is None:
                 return  # the training process is gone: publish nothing behind a resumed run's back
-            published = publisher.publish(model, embeddings, inputs.labels, request.meta)
             with timer.phase("mine"):
-                snapshot = Snapshot(published.name, published.index, embeddings, request.epoch)
-                state, stats = recipe.compute_refresh(snapshot)
-            results.put(RefreshResult(request.step, request.epoch, published.name, state, stats, timer.take()))
+                state, stats = recipe.compute_refresh(snapshot) if snapshot.embeddings is not None else ({}, None)
+            results.put(RefreshResult(request.step, request.epoch, snapshot.name, state, stats, timer.take()))
         except Exception:  # sent to the training process, which stops with it
             timer.take()
             results.put(RefreshResult(request.step, request.epoch, "", {}, None, {}, traceback.format_exc()))
+
+
+def _embed_and_publish(request: RefreshRequest, model: torch.nn.Module, inputs: WorkerInputs,
+                       publisher: SnapshotPublisher, refresh_items: Callable[[int], np.ndarray | None]
+                       ) -> Snapshot | None:
+    """The snapshot the recipe refreshes from: every item embedded and published (``request.publish``, or a
+    recipe whose ``refresh_items`` wants every item in an index), else, as a sync refresh that publishes
+    nothing, the recipe's sample (no index, no export, nothing stored; no embeddings when it asks for none).
+    None when the training process is gone (nothing is published then)."""
+    from hardneg.trainer.recipes.base import Snapshot
+    from hardneg.trainer.refresh import embed_items
+
+    batch_size, timer = publisher.cfg.eval_batch_size, publisher.timer
+    items = None if request.publish else refresh_items(request.epoch)
+    if items is not None:
+        with timer.phase("embed"):
+            sample = embed_items(model, inputs.x, batch_size, items) if len(items) else None
+        return Snapshot(None, None, sample, request.epoch, items=items)
+    with timer.phase("embed"):
+        embeddings = embed_items(model, inputs.x, batch_size)
+    if os.getppid() != inputs.parent:
+        return None
+    published = publisher.publish(model, embeddings, inputs.labels, request.meta)
+    return Snapshot(published.name, published.index, embeddings, request.epoch)
 
 
 def _warm_up_export(model: torch.nn.Module, model_spec: dict[str, Any]) -> None:

@@ -217,20 +217,14 @@ class TrainConfig:
 
     def _validate_refresh(self) -> None:
         """Refuse what step-timed or asynchronous refreshes cannot honour."""
-        if self.publish_every > 1 and self.refresh_every_steps is not None:
-            raise ValidationError(f"publish_every ({self.publish_every}) counts refreshes by epochs; with "
-                                  f"refresh_every_steps every refresh publishes: use publish_every 1, or "
-                                  f"refresh_every (epochs) with publish_every")
         if self.refresh != "async":
             return
-        refused = {"publish_every > 1": self.publish_every > 1, "refresh_on_drift": self.refresh_on_drift is not None,
-                   "shard_index 'on'": self.shard_index == "on"}
+        refused = {"refresh_on_drift": self.refresh_on_drift is not None, "shard_index 'on'": self.shard_index == "on"}
         given = [name for name, on in refused.items() if on]
         if given:
-            raise ValidationError(f"refresh 'async' does not support {', '.join(given)}: its worker publishes every "
-                                  f"refresh, checks no drift and runs in one process; use refresh 'sync' with "
-                                  f"these options, or leave them out (publish_every 1, no refresh_on_drift, "
-                                  f"shard_index 'auto' or 'off')")
+            raise ValidationError(f"refresh 'async' does not support {', '.join(given)}: its worker checks no drift "
+                                  f"and runs in one process; use refresh 'sync' with these options, or leave them "
+                                  f"out (no refresh_on_drift, shard_index 'auto' or 'off')")
 
     def _validate_quality(self) -> None:
         at_least("drift_probe", self.drift_probe, 2)
@@ -265,12 +259,19 @@ class TrainConfig:
     def is_publish_epoch(self, epoch: int) -> bool:
         """True when the refresh before ``epoch`` publishes its snapshot to the store: the first refresh, then every
         ``publish_every``-th (the final model is published after the last epoch whatever this says). False before
-        an epoch that is no refresh epoch, and always with ``refresh_every_steps`` (whose refreshes all publish:
-        ``publish_every`` > 1 is refused with it)."""
+        an epoch that is no refresh epoch, and always with ``refresh_every_steps`` (whose refreshes count by
+        :meth:`is_publish_refresh`)."""
         if self.refresh_every is None or not self.is_refresh_epoch(epoch):
             return False
         k = epoch - 1 - self.warmup_epochs
         return (k // self.refresh_every) % self.publish_every == 0
+
+    def is_publish_refresh(self, k: int) -> bool:
+        """True when the run's refresh number ``k`` (0: the first) publishes its snapshot: every ``publish_every``-th
+        from the first. Counts the refreshes by steps (``refresh_every_steps``) and those of ``refresh = "async"``
+        (the ones started, not those skipped while one was in flight); sync refreshes by epochs use
+        :meth:`is_publish_epoch`, which gives the same answers."""
+        return k % self.publish_every == 0
 
     def is_refresh_step(self, epoch: int, step: int, last_due: int | None) -> bool:
         """With ``refresh_every_steps``: True when a refresh is due at the boundary before optimizer step ``step``

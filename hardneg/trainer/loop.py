@@ -16,10 +16,12 @@ One epoch ``e`` (1-based) of :class:`Trainer`:
 With ``refresh_every_steps`` the refreshes fall at step boundaries instead (the first after the warm-up epochs),
 and the rest of the epoch is planned anew from what the recipe took (``recipe.batches`` with a generator seeded
 by (seed, epoch, step)). With ``refresh = "async"`` a worker process refreshes while training goes on
-(:mod:`hardneg.trainer.async_refresh`): at a boundary where a refresh is due the loop hands it a copy of the
-weights (or, while one is in flight, skips it and counts that), and at the first boundary after it is done the
-recipe loads what it computed and the rest of the epoch is planned from it. Every batch records the step of the
-weights its mined data came from: each epoch's line holds that staleness and the refreshes' timings.
+(:mod:`hardneg.trainer.async_refresh`, started with the run): at a boundary where a refresh is due the loop
+hands it a copy of the weights (or, while one is in flight, skips it and counts that), and at the first boundary
+after it is done the recipe loads what it computed and the rest of the epoch is planned from it; the run's first
+refresh runs in this process (nothing to train on but the warm-up until then), and the worker publishes it.
+Every batch records the step of the weights its mined data came from: each epoch's line holds that staleness
+and the refreshes' timings.
 
 Epoch 0 evaluates the untrained model. Every random choice of epoch ``e`` comes from a generator seeded by
 (seed, e), so a run resumed from ``last.pt`` draws what the uninterrupted run drew. Every phase of an epoch is
@@ -144,6 +146,7 @@ class RunState:
     mined_step: int | None = None  # the step of the weights the recipe's current mined data came from
     refresh_due_step: int | None = None  # refresh_every_steps: the step at which the last refresh fell due
     refresh_pending: bool = False  # async: a refresh was in flight (a resumed run starts it again)
+    refresh_count: int = 0  # refreshes started (async: handed to the worker), for publish_every
 
 
 @dataclass
@@ -306,7 +309,8 @@ class Trainer:
                          snapshot=ckpt["snapshot"], snapshot_epoch=ckpt["snapshot_epoch"],
                          best_map_at_r=ckpt["best_map_at_r"], mined_step=ckpt.get("mined_step"),
                          refresh_due_step=ckpt.get("refresh_due_step"),
-                         refresh_pending=bool(ckpt.get("refresh_pending", False)))
+                         refresh_pending=bool(ckpt.get("refresh_pending", False)),
+                         refresh_count=int(ckpt.get("refresh_count", 0)))
         log.info("resuming %s after epoch %d of %d", run_dir, state.epoch, cfg.epochs)
         splits = load_splits(cfg)
         check_world(dist, len(splits.train), cfg.batch_size)
@@ -320,14 +324,14 @@ class Trainer:
         """Train until ``cfg.epochs``; publish the final model; return where everything is and the metrics."""
         started = time.monotonic() - (self.state.history[-1]["elapsed_s"] if self.state.history else 0.0)
         self._rewrite_metrics_file()
-        if not self.state.history:
-            self._finish_epoch(None, None, started)  # epoch 0: the untrained model
-        if self.cfg.refresh == "async":
+        if self.cfg.refresh == "async":  # first: its start (imports) overlaps epoch 0's evaluation and the warm-up
             self.background = RefreshWorker(WorkerInputs(self.cfg.to_dict(), self.model_spec, self.x_train,
                                                          self.y_train, self.splits.train.y,
                                                          self.publisher.thumbs))
         finished = False
         try:
+            if not self.state.history:
+                self._finish_epoch(None, None, started)  # epoch 0: the untrained model
             self._epochs(started)
             finished = True
         finally:
@@ -373,8 +377,10 @@ class Trainer:
         name (None: not published) and the recipe's statistics. A refresh that ``cfg.is_publish_epoch`` leaves
         unpublished embeds what the recipe asks."""
         done, step = self.state.epoch, self.state.step if step is None else step
-        if epoch is not None and self.cfg.is_refresh_epoch(epoch) and not self.cfg.is_publish_epoch(epoch):
-            items = self.recipe.refresh_items(epoch)  # (a refresh off the schedule, on drift, always publishes)
+        if epoch is not None:
+            publish = self._publishes(epoch)
+            self.state.refresh_count += 1
+            items = None if publish else self.recipe.refresh_items(epoch)
             if items is not None:
                 return None, self._refresh_unpublished(epoch, step, items)
         meta = self._snapshot_meta("final" if epoch is None else "refresh", step)
@@ -391,6 +397,14 @@ class Trainer:
         self._refreshed(step, stats)
         return published.name, stats
 
+    def _publishes(self, epoch: int) -> bool:
+        """Whether the sync refresh before (a step of) ``epoch`` publishes its snapshot (``publish_every``): by epochs,
+        on the schedule's publish epochs (a refresh off the schedule, on drift, always publishes); by steps, every
+        ``publish_every``-th refresh of the run."""
+        if self.cfg.refresh_every_steps is not None:
+            return self.cfg.is_publish_refresh(self.state.refresh_count)
+        return not self.cfg.is_refresh_epoch(epoch) or self.cfg.is_publish_epoch(epoch)
+
     def _refresh_unpublished(self, epoch: int, step: int, items: np.ndarray) -> dict[str, Any] | None:
         """A refresh before ``epoch`` that publishes no snapshot (``publish_every``): embed only the training
         ``items`` (m,) the recipe asks for (none: nothing to do), on every rank alike, and refresh the recipe."""
@@ -402,6 +416,22 @@ class Trainer:
             stats = self.recipe.refresh(self.model, Snapshot(None, None, embeddings, epoch, items=items))
         self._refreshed(step, stats)
         return stats
+
+    def _refresh_first(self, epoch: int, step: int) -> tuple[None, dict[str, Any] | None]:
+        """An async run's first refresh, before ``step`` of ``epoch``: the recipe takes its data now, from this
+        process's embeddings of the training set and an unpublished index of them, as a sync refresh does but
+        without the export and the store; the worker publishes the same weights' snapshot meanwhile (the loop
+        hands them over right after), and its result, the same data, is taken over as usual.
+
+        Until then the recipe has nothing but the warm-up to train on, and the worker may still be starting
+        (importing torch and FAISS: seconds, several epochs of a small run)."""
+        with self.timer.phase("embed"):
+            embeddings = embed_items(self.model, self.x_train, self.cfg.eval_batch_size)
+        index = self.publisher.index(embeddings, self.splits.train.y)
+        with self.timer.phase("mine"):
+            stats = self.recipe.refresh(self.model, Snapshot(None, index, embeddings, epoch))
+        self._refreshed(step, stats)
+        return None, stats
 
     def _refreshed(self, step: int, stats: dict[str, Any] | None) -> None:
         """Record a synchronous refresh from the weights before ``step``."""
@@ -436,20 +466,34 @@ class Trainer:
         elif bg.busy:
             self.refreshes.skipped += int(due)
         elif due or self.state.refresh_pending:  # pending: the refresh a killed run had in flight
-            bg.submit(RefreshRequest(step, epoch, clone_weights(self.model), self._snapshot_meta("refresh", step)))
-            self.state.refresh_pending = True
-            self.refreshes.started += 1
+            if due and self.state.snapshot is None and not self.state.refresh_pending:
+                self.refreshes.last = self._refresh_first(epoch, step)
+                switched = True
+            self._submit(bg, epoch, step, due)
         # sync: the whole refresh; async: the training process's share (hand-over and bookkeeping)
         self.refreshes.wait_s += time.perf_counter() - t0
         self.refreshes.wait_cpu_s += time.process_time() - c0
         return switched
+
+    def _submit(self, bg: RefreshWorker, epoch: int, step: int, due: bool) -> None:
+        """Hand the weights before ``step`` to the worker. A due refresh publishes its snapshot when it is the
+        run's first or a ``publish_every``-th (:meth:`TrainConfig.is_publish_refresh`); the others export and
+        store nothing and embed only what the recipe asks (``recipe.refresh_items``), as sync ones do. The refresh
+        a killed run had in flight (not due) publishes."""
+        publish = not due or self.cfg.is_publish_refresh(self.state.refresh_count)
+        self.state.refresh_count += int(due)
+        bg.submit(RefreshRequest(step, epoch, clone_weights(self.model), self._snapshot_meta("refresh", step),
+                                 publish))
+        self.state.refresh_pending = True
+        self.refreshes.started += 1
 
     def _take_over(self, result: RefreshResult, step: int) -> bool:
         """The recipe loads what the async refresh of ``result.step``'s weights computed, before step ``step``."""
         if result.state:
             self.recipe.load_state_dict(result.state)
             self.state.mined_step = result.step
-        self.state.snapshot, self.state.snapshot_epoch = result.snapshot, result.epoch - 1
+        if result.snapshot is not None:  # None: a refresh that published nothing
+            self.state.snapshot, self.state.snapshot_epoch = result.snapshot, result.epoch - 1
         self.state.refresh_pending = False
         r = self.refreshes
         r.finished += 1
@@ -553,7 +597,7 @@ class Trainer:
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
             "recipe": self.recipe.state_dict(), "mined_step": s.mined_step, "refresh_due_step": s.refresh_due_step,
-            "refresh_pending": s.refresh_pending,
+            "refresh_pending": s.refresh_pending, "refresh_count": s.refresh_count,
             "snapshot": s.snapshot, "snapshot_epoch": s.snapshot_epoch,
             "history": s.history, "best_map_at_r": s.best_map_at_r,
         })

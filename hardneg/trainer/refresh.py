@@ -158,13 +158,17 @@ class SnapshotPublisher:
     def publish(self, model: nn.Module, embeddings: np.ndarray, labels: np.ndarray,
                 meta: Mapping[str, Any]) -> Published:
         """Index ``embeddings`` (n, d) with ``labels`` (n,) and ids 0..n-1 and publish them with ``model.pt2``."""
-        with self.timer.phase("index"):
-            index = VectorIndex.build(embeddings, labels, np.arange(len(labels)), metric="cosine",
-                                      index=self.cfg.index, seed=self.cfg.seed)
+        index = self.index(embeddings, labels)
         with self._exported(model) as extra, self.timer.phase("publish"):
             name = self.store.publish(index, meta={"config": self.cfg.to_dict(), **meta}, model=self.model_spec,
                                       extra_files=extra, thumbs=self.thumbs)
         return Published(name, index, embeddings)
+
+    def index(self, embeddings: np.ndarray, labels: np.ndarray) -> VectorIndex:
+        """The index a snapshot of ``embeddings`` (n, d) with ``labels`` (n,) holds (ids 0..n-1), unpublished."""
+        with self.timer.phase("index"):
+            return VectorIndex.build(embeddings, labels, np.arange(len(labels)), metric="cosine",
+                                     index=self.cfg.index, seed=self.cfg.seed)
 
     def publish_written(self, model: nn.Module, folder: Path, dim: int, meta: Mapping[str, Any]) -> str:
         """Publish the flat index, ids and labels written into ``folder`` (a staging folder of the store, e.g.

@@ -53,6 +53,7 @@ class WatchedClassBatches(ClassBatches):
         self.batches_checked = 0
         self.mismatches: list[str] = []
         self.take_overs = 0
+        self.tables: list[np.ndarray] = []  # every class table loaded, in order
 
     def plan(self, epoch: int) -> Any:
         self.planned_from = self.neighbours
@@ -61,6 +62,7 @@ class WatchedClassBatches(ClassBatches):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.take_overs += 1
+        self.tables.append(self.neighbours)
 
     def loss(self, model: torch.nn.Module, batch: np.ndarray) -> Any:
         if self.take_overs < 3:
@@ -76,10 +78,8 @@ class WatchedClassBatches(ClassBatches):
         return super().loss(model, batch)
 
 
-def test_async_take_over_at_step_boundaries(tmp_path: Path) -> None:
-    cfg = TrainConfig.from_dict({"epochs": 6, "refresh": "async", "refresh_every_steps": 5, "batch_size": 32,
-                                 "per_class": 8, "seed": 1, "threads": 1, "store": str(tmp_path / "store"),
-                                 "run_dir": str(tmp_path / "run")})
+def _watched_run(cfg: TrainConfig) -> tuple[Trainer, WatchedClassBatches]:
+    """Train ``cfg`` (an async class-batches run) with :class:`WatchedClassBatches`; the trainer and its recipe."""
     recipes: list[WatchedClassBatches] = []
 
     def factory(ctx: Any, **kw: Any) -> WatchedClassBatches:
@@ -89,7 +89,14 @@ def test_async_take_over_at_step_boundaries(tmp_path: Path) -> None:
     factory.name = "class-batches"  # type: ignore[attr-defined]
     trainer = Trainer.create(cfg, parts=Parts(recipe=factory))
     trainer.run()
-    recipe = recipes[0]
+    return trainer, recipes[0]
+
+
+def test_async_take_over_at_step_boundaries(tmp_path: Path) -> None:
+    cfg = TrainConfig.from_dict({"epochs": 6, "refresh": "async", "refresh_every_steps": 5, "batch_size": 32,
+                                 "per_class": 8, "seed": 1, "threads": 1, "store": str(tmp_path / "store"),
+                                 "run_dir": str(tmp_path / "run")})
+    trainer, recipe = _watched_run(cfg)
     assert recipe.mismatches == []
     history = trainer.state.history
     spans = [s for r in history[1:] for s in r["refresh"]["spans"]]
@@ -97,7 +104,15 @@ def test_async_take_over_at_step_boundaries(tmp_path: Path) -> None:
     assert recipe.batches_checked > 0
     epoch_starts = {r["step"] for r in history}
     assert any(end not in epoch_starts for _, end in spans), f"no take-over inside an epoch: {spans}"
-    for (start, end), (next_start, _) in zip(spans, spans[1:]):
+    # the first refresh ran in the training process, before the first step after the warm-up (nothing mined yet),
+    # and its weights went to the worker, which published their snapshot; every later one ran in the worker
+    first = history[1]["step"]  # the warm-up is one epoch
+    assert spans[0] == [first, first] and spans[1][0] == first, spans
+    assert history[2]["refresh"]["spans"][0] == [first, first] and history[2]["mining"] is not None
+    assert history[2]["staleness"]["batches"] == history[2]["train"]["steps"]  # no warm-up batch after the warm-up
+    # both computed the same table from the same weights (this process's embeddings, and the worker's)
+    np.testing.assert_array_equal(recipe.tables[0], recipe.tables[1])
+    for (start, end), (next_start, _) in zip(spans[1:], spans[2:]):
         assert start < end <= next_start  # one refresh in flight; the weights are older than the take-over
     # staleness: each batch's step minus the step of the weights its table came from
     for r in history[1:]:
@@ -139,6 +154,60 @@ def _worker(tmp_path: Path, **changes: Any) -> tuple[RefreshWorker, dict[str, to
         return recipe.compute_refresh(Snapshot("reference", index, emb, 2))
 
     return worker, clone_weights(model), reference
+
+
+def test_an_unpublished_refresh_stores_nothing_and_samples_as_sync_does(tmp_path: Path) -> None:
+    worker, weights, reference = _worker(tmp_path, centroid_sample=3)
+    cfg = TrainConfig.from_dict({"store": str(tmp_path / "store"), "threads": 1, "centroid_sample": 3})
+    splits = load_splits(cfg)
+    x, y = torch.from_numpy(splits.train.x), torch.from_numpy(splits.train.y)
+    try:
+        worker.submit(RefreshRequest(5, 2, weights, {"epoch": 1}, publish=False))
+        result = worker.wait()
+        assert result is not None and result.snapshot is None
+        assert SnapshotStore(tmp_path / "store").names() == []  # no export, nothing stored
+        # reference: this process's recipe on the same sample (3 items of each class, seeded by the epoch)
+        model, _ = build_model(cfg, splits.train.input_shape)
+        model.load_state_dict(weights)
+        recipe = ClassBatches(RecipeContext(cfg, TrainData(x, y, splits.train.y), make_loss(cfg.loss, cfg.margin)))
+        items = recipe.refresh_items(2)
+        assert items is not None and len(items) == 30
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            emb = embed_items(model, x, cfg.eval_batch_size, items)
+        finally:
+            torch.set_num_threads(threads)
+        state, stats = recipe.compute_refresh(Snapshot(None, None, emb, 2, items=items))
+        assert _same_state(result.state, state) and result.stats == stats and stats["centroid_items"] == 30
+        # a refresh that publishes: the whole set, in a snapshot with the exported model
+        worker.submit(RefreshRequest(6, 2, weights, {"epoch": 1}))
+        result = worker.wait()
+        assert result is not None
+        state, stats = reference()
+        assert _same_state(result.state, state) and result.stats == stats
+        store = SnapshotStore(tmp_path / "store")
+        assert store.names() == [result.snapshot] and store.open(result.snapshot).model_path is not None
+    finally:
+        worker.close()
+
+
+def test_an_async_run_publishes_its_first_and_final_snapshots(tmp_path: Path) -> None:
+    """publish_every above the run's refreshes: the worker's other refreshes store nothing."""
+    # epochs: room for a slow worker start (each step sleeps until the third take-over)
+    cfg = TrainConfig.from_dict({"epochs": 8, "refresh": "async", "refresh_every_steps": 3, "batch_size": 32,
+                                 "per_class": 8, "seed": 2, "threads": 1, "publish_every": 1000,
+                                 "keep_snapshots": 50, "store": str(tmp_path / "store"),
+                                 "run_dir": str(tmp_path / "run")})
+    trainer, recipe = _watched_run(cfg)
+    assert recipe.mismatches == [] and recipe.take_overs >= 3  # the first, its copy, then unpublished ones
+    history = trainer.state.history
+    store = SnapshotStore(cfg.store)
+    metas = [store.verify(n)["meta"] for n in store.names()]
+    assert [(m["step"], m["reason"]) for m in metas] == [(history[1]["step"], "refresh"),
+                                                          (history[-1]["step"], "final")]
+    assert all(store.open(n).model_path is not None for n in store.names())
+    assert trainer.state.snapshot == store.latest_name()
 
 
 def _same_state(got: dict[str, Any], want: dict[str, Any]) -> bool:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from hardneg.miner.errors import ValidationError
+from hardneg.miner.store import SnapshotStore
 from hardneg.trainer.config import TrainConfig
 from hardneg.trainer.distributed import DistContext
 from hardneg.trainer.loop import Parts, Trainer, _check_async
@@ -60,17 +61,18 @@ def test_async_refusals() -> None:
 
 
 
-def test_publish_every_counts_epoch_refreshes_only() -> None:
-    with pytest.raises(ValidationError, match=r"publish_every \(2\) counts refreshes by epochs"):
-        TrainConfig.from_dict({"refresh_every_steps": 5, "publish_every": 2})
-    cfg = TrainConfig.from_dict({"refresh_every_steps": 5})  # refresh_every is None: no epoch publishes, no crash
-    assert not any(cfg.is_publish_epoch(e) for e in range(1, 12))
+def test_publish_every_counts_refreshes() -> None:
+    by_steps = TrainConfig.from_dict({"refresh_every_steps": 5, "publish_every": 3})
+    assert not any(by_steps.is_publish_epoch(e) for e in range(1, 12))  # refresh_every is None: no epoch publishes
+    assert [k for k in range(10) if by_steps.is_publish_refresh(k)] == [0, 3, 6, 9]
+    assert TrainConfig.from_dict({"refresh": "async", "refresh_every_steps": 5, "publish_every": 2}).publish_every == 2
     by_epochs = TrainConfig.from_dict({"refresh_every": 1, "publish_every": 2, "warmup_epochs": 1, "epochs": 8})
     assert [e for e in range(1, 9) if by_epochs.is_publish_epoch(e)] == [2, 4, 6, 8]
+    # the refresh before epoch e is refresh number e - 2 here: both rules agree
+    assert [e for e in range(2, 9) if by_epochs.is_publish_refresh(e - 2)] == [2, 4, 6, 8]
 
 
-@pytest.mark.parametrize(("option", "named"), [({"publish_every": 2}, "publish_every > 1"),
-                                               ({"refresh_on_drift": 0.1}, "refresh_on_drift"),
+@pytest.mark.parametrize(("option", "named"), [({"refresh_on_drift": 0.1}, "refresh_on_drift"),
                                                ({"shard_index": "on"}, "shard_index 'on'")])
 def test_async_refuses_what_its_worker_cannot_honour(option: dict, named: str) -> None:
     TrainConfig.from_dict(option if "shard_index" not in option else {})  # each is accepted with sync
@@ -108,6 +110,25 @@ def test_sync_refreshes_by_steps_and_their_staleness(tmp_path: Path) -> None:
     again = _run(tmp_path, "b")
     keep = ("step", "loss", "metrics", "train", "mining", "staleness")
     assert [{k: r[k] for k in keep} for r in again] == [{k: r[k] for k in keep} for r in history]
+
+
+@pytest.mark.slow
+def test_sync_refreshes_by_steps_publish_every_nth(tmp_path: Path) -> None:
+    history = _run(tmp_path, "p", publish_every=3, keep_snapshots=20, centroid_sample=3)
+    steps = [r["step"] for r in history]
+    due = list(range(steps[1], steps[-1], 6))  # as above: the first after the warm-up, then every 6 steps
+    assert len(due) >= 4
+    store = SnapshotStore(tmp_path / "p-store")
+    metas = [store.open(n).manifest["meta"] for n in store.names()]
+    # refreshes 0, 3, 6, ... publish (with the model), then the final model; the others store nothing
+    assert [(m["step"], m["reason"]) for m in metas] == [(d, "refresh") for d in due[::3]] + [(steps[-1], "final")]
+    assert all(store.open(n).model_path is not None for n in store.names())
+    spans = [s for r in history[1:] for s in r["refresh"]["spans"]]
+    assert spans == [[s, s] for s in due]  # every due refresh ran, published or not
+    for r in history[2:]:
+        assert r["mining"] is not None
+    sampled = [r for r in history[2:] if "centroid_items" in r["mining"]]  # an epoch whose last refresh sampled
+    assert sampled and all(r["mining"]["centroid_items"] == 3 * 10 for r in sampled)  # 3 of each of 10 digits
 
 
 def test_refresh_spans_on_the_epoch_axis() -> None:
