@@ -13,8 +13,10 @@ copied per refresh), builds the model from the run's config, and then, per reque
 embeds every training item, publishes the snapshot (the store's atomic publish; while the worker runs it is
 the run's only writer) and computes the recipe's refresh. A request that publishes nothing (``publish_every``)
 embeds only the recipe's ``refresh_items`` and exports and stores nothing, as a sync refresh does. One request
-is in flight at a time. The loop starts the worker with the run and does the run's first refresh itself
-(:meth:`hardneg.trainer.loop.Trainer._refresh_first`); the worker publishes that one's snapshot.
+is in flight at a time. The loop starts the worker with the run; when the run's first refresh falls due before
+the worker is ready (its start: importing torch and FAISS, a first export; seconds, several epochs of a small
+run), the loop does that refresh itself (:meth:`hardneg.trainer.loop.Trainer._refresh_first`) and the worker
+publishes its snapshot; a worker that is ready by then does it all, and training goes on meanwhile.
 
 Failure handling: a worker that raises sends its traceback, and training stops with it (the error would
 recur). A worker that dies (killed, out of memory) is reported and restarted once, with the refresh it was
@@ -104,12 +106,14 @@ class RefreshWorker:
         self._ctx = mp.get_context("spawn")
         self._requests: Any = None
         self._results: Any = None
+        self._ready: Any = None
         self.process: Any = None
         self._start()
 
     def _start(self) -> None:
-        self._requests, self._results = self._ctx.Queue(), self._ctx.Queue()
-        self.process = self._ctx.Process(target=worker_main, args=(self.inputs, self._requests, self._results),
+        self._requests, self._results, self._ready = self._ctx.Queue(), self._ctx.Queue(), self._ctx.Event()
+        self.process = self._ctx.Process(target=worker_main,
+                                         args=(self.inputs, self._requests, self._results, self._ready),
                                          name="hardneg-refresh", daemon=True)
         self.process.start()
 
@@ -117,6 +121,11 @@ class RefreshWorker:
     def busy(self) -> bool:
         """True while a refresh is in flight."""
         return self.pending is not None
+
+    @property
+    def ready(self) -> bool:
+        """True once the worker has started (imports, model, the export's warm-up) and would take a request now."""
+        return self._ready.is_set()
 
     def submit(self, request: RefreshRequest) -> None:
         """Start ``request`` in the worker; one refresh at a time."""
@@ -188,8 +197,9 @@ class RefreshWorker:
 
 
 # ---------------------------------------------------------------------------------------- the worker's side
-def worker_main(inputs: WorkerInputs, requests: Any, results: Any) -> None:
-    """The worker process: build the model, publisher and recipe once, then serve requests until ``None``."""
+def worker_main(inputs: WorkerInputs, requests: Any, results: Any, ready: Any = None) -> None:
+    """The worker process: build the model, publisher and recipe once, say so (``ready``, an event), then serve
+    requests until ``None``."""
     _die_with_parent(inputs.parent)
     from hardneg.miner.store import SnapshotStore
     from hardneg.trainer.config import TrainConfig
@@ -212,6 +222,8 @@ def worker_main(inputs: WorkerInputs, requests: Any, results: Any) -> None:
     data = TrainData(inputs.x, inputs.y, inputs.labels)
     recipe = recipe_class(cfg.recipe.name)(RecipeContext(cfg, data, make_loss(cfg.loss, cfg.margin), timer=timer))
     _warm_up_export(model, inputs.model_spec)
+    if ready is not None:
+        ready.set()
     while (request := requests.get()) is not None:
         try:
             model.load_state_dict(request.weights)

@@ -19,7 +19,8 @@ by (seed, epoch, step)). With ``refresh = "async"`` a worker process refreshes w
 (:mod:`hardneg.trainer.async_refresh`, started with the run): at a boundary where a refresh is due the loop
 hands it a copy of the weights (or, while one is in flight, skips it and counts that), and at the first boundary
 after it is done the recipe loads what it computed and the rest of the epoch is planned from it; the run's first
-refresh runs in this process (nothing to train on but the warm-up until then), and the worker publishes it.
+refresh runs in this process while the worker is still starting (nothing to train on but the warm-up until
+then), and the worker publishes it.
 Every batch records the step of the weights its mined data came from: each epoch's line holds that staleness
 and the refreshes' timings.
 
@@ -423,8 +424,10 @@ class Trainer:
         without the export and the store; the worker publishes the same weights' snapshot meanwhile (the loop
         hands them over right after), and its result, the same data, is taken over as usual.
 
-        Until then the recipe has nothing but the warm-up to train on, and the worker may still be starting
-        (importing torch and FAISS: seconds, several epochs of a small run)."""
+        Until then the recipe has nothing but the warm-up to train on, and the worker is still starting (importing
+        torch and FAISS: seconds, several epochs of a small run); a worker that is ready does the first refresh
+        itself, as every later one, while training goes on (a large training set, whose warm-up outlasts the
+        worker's start, then never waits for a full embedding pass)."""
         with self.timer.phase("embed"):
             embeddings = embed_items(self.model, self.x_train, self.cfg.eval_batch_size)
         index = self.publisher.index(embeddings, self.splits.train.y)
@@ -466,7 +469,7 @@ class Trainer:
         elif bg.busy:
             self.refreshes.skipped += int(due)
         elif due or self.state.refresh_pending:  # pending: the refresh a killed run had in flight
-            if due and self.state.snapshot is None and not self.state.refresh_pending:
+            if due and self.state.snapshot is None and not self.state.refresh_pending and not bg.ready:
                 self.refreshes.last = self._refresh_first(epoch, step)
                 switched = True
             self._submit(bg, epoch, step, due)

@@ -92,7 +92,10 @@ def _watched_run(cfg: TrainConfig) -> tuple[Trainer, WatchedClassBatches]:
     return trainer, recipes[0]
 
 
-def test_async_take_over_at_step_boundaries(tmp_path: Path) -> None:
+def test_async_take_over_at_step_boundaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The worker still starting when the first refresh falls due (as in a small run: seconds of imports against
+    # a warm-up epoch of about one second here), pinned so that the test does not depend on the machine's speed.
+    monkeypatch.setattr(RefreshWorker, "ready", property(lambda self: False))
     cfg = TrainConfig.from_dict({"epochs": 6, "refresh": "async", "refresh_every_steps": 5, "batch_size": 32,
                                  "per_class": 8, "seed": 1, "threads": 1, "store": str(tmp_path / "store"),
                                  "run_dir": str(tmp_path / "run")})
@@ -154,6 +157,35 @@ def _worker(tmp_path: Path, **changes: Any) -> tuple[RefreshWorker, dict[str, to
         return recipe.compute_refresh(Snapshot("reference", index, emb, 2))
 
     return worker, clone_weights(model), reference
+
+
+def test_a_ready_worker_does_the_first_refresh_while_training_goes_on(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that has started by the time the first refresh falls due (a large training set's warm-up outlasts
+    its start; here the run waits for it) takes that refresh too: the training process embeds nothing, keeps
+    training on the warm-up's batches, and takes the worker's table over at a later step boundary."""
+    start = RefreshWorker._start
+
+    def start_and_wait(self: RefreshWorker) -> None:
+        start(self)
+        assert self._ready.wait(timeout=600), "the refresh worker did not start"
+
+    monkeypatch.setattr(RefreshWorker, "_start", start_and_wait)
+    cfg = TrainConfig.from_dict({"epochs": 4, "refresh": "async", "refresh_every_steps": 5, "batch_size": 32,
+                                 "per_class": 8, "seed": 1, "threads": 1, "keep_snapshots": 50,
+                                 "store": str(tmp_path / "store"), "run_dir": str(tmp_path / "run")})
+    trainer, recipe = _watched_run(cfg)
+    assert recipe.mismatches == []
+    history = trainer.state.history
+    spans = [sp for r in history[1:] for sp in r["refresh"]["spans"]]
+    first = history[1]["step"]  # the warm-up is one epoch
+    assert spans[0][0] == first and spans[0][1] > first, spans  # the worker's, taken over later
+    assert history[2]["timing"].get("embed_s", 0.0) == 0.0  # this process embedded nothing for it
+    assert history[2]["staleness"]["batches"] < history[2]["train"]["steps"]  # warm-up batches went on meanwhile
+    assert recipe.take_overs == len(spans) and len(recipe.tables) == len(spans)
+    store = SnapshotStore(cfg.store)
+    metas = [store.verify(n)["meta"] for n in store.names()]
+    assert min(m["step"] for m in metas if m["reason"] == "refresh") == first  # the worker published the first
 
 
 def test_an_unpublished_refresh_stores_nothing_and_samples_as_sync_does(tmp_path: Path) -> None:
