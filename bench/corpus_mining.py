@@ -169,19 +169,23 @@ def differing_rows_tied(a: list[tuple], b: list[tuple], corpus: Corpus, relative
     positives), so that rounding decides whether it is dropped and the window after it shifts by one."""
     ka = {(r[0], r[1]): r[2:] for r in a}
     kb = {(r[0], r[1]): r[2:] for r in b}
-    differ = [k for k in ka.keys() & kb.keys() if ka[k] != kb[k]]
+    differ = sorted(k for k in ka.keys() & kb.keys() if ka[k] != kb[k])
+    if not differ:
+        return {"differing_rows": 0, "of_them_ties": 0}
+    # Every document's float64 score against each query with a differing row, in one product.
+    queries = sorted({int(k[0][1:]) for k in differ})
+    column = {qi: j for j, qi in enumerate(queries)}
+    scores = corpus.docs.astype(np.float64) @ corpus.queries[queries].astype(np.float64).T  # (n, queries)
     tied = 0
     for k in differ:
         qi = int(k[0][1:])
-        q = corpus.queries[qi].astype(np.float64)
-        sa = corpus.docs[[int(t[1:]) for t in ka[k]]].astype(np.float64) @ q
-        sb = corpus.docs[[int(t[1:]) for t in kb[k]]].astype(np.float64) @ q
+        s = scores[:, column[qi]]
+        sa, sb = s[[int(t[1:]) for t in ka[k]]], s[[int(t[1:]) for t in kb[k]]]
         at_cap = False
         if relative_margin is not None:
-            scores = corpus.docs.astype(np.float64) @ q
-            pos = scores[corpus.positives[qi]]
+            pos = s[corpus.positives[qi]]
             caps = pos - np.abs(pos) * relative_margin  # sentence-transformers' rule
-            at_cap = bool((np.abs(scores[:, None] - caps[None]) < atol).any())
+            at_cap = bool((np.abs(s[:, None] - caps[None]) < atol).any())
         tied += bool(np.allclose(sa, sb, rtol=0, atol=atol)) or at_cap
     return {"differing_rows": len(differ), "of_them_ties": tied}
 

@@ -202,8 +202,8 @@ class Bf16Corpus:
         kth = np.partition(bits, at, axis=1)[:, at].astype(np.int32)
         low = np.flatnonzero(kth <= 0)
         if len(low):
-            kth[low] = np.partition(_keys(bits[low]), at, axis=1)[:, at]
-            kth[low] = np.where(kth[low] >= 0, kth[low], -32769 - kth[low])
+            key = np.partition(_keys(bits[low]), at, axis=1)[:, at]
+            kth[low] = np.where(key >= 0, key, -32769 - key)  # back to bits
         value = _values(kth.astype(np.int16))
         return value - bound - _step(value)
 
@@ -262,7 +262,8 @@ def _extend(x: np.ndarray, column: np.ndarray | None) -> np.ndarray:
 
 
 def _keys(bits: np.ndarray) -> np.ndarray:
-    """int32 keys of bfloat16 ``bits`` (int16) in the order of their values (-0.0 just below +0.0)."""
+    """int32 keys of bfloat16 ``bits`` (int16) in the order of their values (-0.0 just below +0.0); a key ``>= 0``
+    is its own bits, and ``-32769 - key`` turns a negative one back into bits."""
     wide = bits.astype(np.int32)
     return np.where(wide >= 0, wide, -32769 - wide)
 
@@ -273,21 +274,26 @@ def _values(bits: np.ndarray) -> np.ndarray:
 
 
 def _step(value: np.ndarray) -> np.ndarray:
-    """float64: one bfloat16 step at each bfloat16 ``value``, the most its rounding moved it (at least 2⁻⁸)."""
-    return np.ldexp(1.0, np.frexp(value)[1] - 8)
+    """float64: one bfloat16 step at each bfloat16 ``value``, the most its rounding moved it (2⁻⁸ at zero; never
+    below 2⁻¹³³, the spacing of bfloat16's subnormals)."""
+    return np.maximum(np.ldexp(1.0, np.frexp(value)[1] - 8), 2.0**-133)
+
+
+def round_down_f32(t: np.ndarray) -> np.ndarray:
+    """float64 ``t`` as the float32 at or below it."""
+    t32 = t.astype(np.float32)
+    return np.where(t32 > t, np.nextafter(t32, np.float32(-np.inf)), t32)
 
 
 def _round_down_bits(t: np.ndarray) -> np.ndarray:
     """The bfloat16 at or below each ``t`` (float64), as an int32 key ordered like the values: the int16 bits for
     a positive value, ``-32769 - bits`` for a negative one or zero (both zeros are -1, negative values lower)."""
-    t32 = t.astype(np.float32)
-    t32 = np.where(t32 > t, np.nextafter(t32, np.float32(-np.inf)), t32)
-    bits = t32.view(np.uint32)
+    bits = round_down_f32(t).view(np.uint32)
     high = (bits >> 16).astype(np.int64)
     # Dropping the low 16 bits rounds towards zero: down for a positive value, up for a negative one, whose
     # magnitude then goes one step up instead.
     negative = (bits >> 31).astype(bool)
     high = np.where(negative & ((bits & 0xFFFF) != 0), high + 1, high)
-    as_int16 = np.where(high >= 0x8000, high - 0x10000, high)
+    as_int16 = np.where(high >= 0x8000, high - 0x10000, high).astype(np.int16)
     # +0.0 takes -0.0's key, so that a threshold of zero lets both zeros through.
-    return np.where(as_int16 > 0, as_int16, np.where(as_int16 == 0, -1, -32769 - as_int16)).astype(np.int32)
+    return np.where(as_int16 == 0, -1, _keys(as_int16))

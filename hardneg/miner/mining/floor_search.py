@@ -33,7 +33,7 @@ from threadpoolctl import threadpool_limits
 
 from hardneg.miner.distances import Distance
 from hardneg.miner.mining import bf16_prefilter
-from hardneg.miner.mining.bf16_prefilter import Bf16Corpus, Bf16Queries, Prefilter, torch_threads
+from hardneg.miner.mining.bf16_prefilter import Bf16Corpus, Bf16Queries, Prefilter, round_down_f32, torch_threads
 from hardneg.miner.mining.topk import score_to_d2, sparse_nonzero
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ def _scan(q: np.ndarray, x: np.ndarray, half_norm: np.ndarray | None, caps: np.n
         block_blocked = (bq[in_block], br[in_block] - s)
         hn = None if half_norm is None else half_norm[s:e]
         if low is not None and (s > 0 or not caps.shape[1]):
-            r, c, v, floor = _bf16_block(low, low_q, low_out, q, x[s:e], hn, s, k, caps, floor, block_blocked)
+            r, c, v, floor = _bf16_block(low, low_q, low_out, q, x[s:e], hn, s, k, caps, last, floor, block_blocked)
         else:
             r, c, v, floor = _float32_block(q, x[s:e], hn, s == 0, k, last, floor, block_blocked, score_buf, hit_buf)
         # Every entry above a cap is a hit (a floor never exceeds the last cap): count them, then drop them.
@@ -181,18 +181,18 @@ def _float32_block(q: np.ndarray, x: np.ndarray, half_norm: np.ndarray | None, f
 
 
 def _bf16_block(low: Bf16Corpus, low_q: Bf16Queries, low_out: torch.Tensor, q: np.ndarray, x: np.ndarray,
-                half_norm: np.ndarray | None, s: int, k: int, caps: np.ndarray, floor: np.ndarray,
+                half_norm: np.ndarray | None, s: int, k: int, caps: np.ndarray, last: np.ndarray, floor: np.ndarray,
                 blocked: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The same through the block's bfloat16 product (``x`` is rows ``s..e`` of the corpus that ``low`` holds):
+    """The same through the block's bfloat16 product (``x`` is rows ``s..e`` of the corpus that ``low`` holds;
+    ``last`` (b,) each query's last cap, +inf without one):
     entries that can reach a floor or lie above a cap, with their float32 score, or their bfloat16 one where it
     surely lies beyond the last cap; blocked entries at -inf."""
-    b, w = len(q), len(x)
-    last = caps[:, -1] if caps.shape[1] else np.full(b, np.inf, np.float32)
+    w = len(x)
     bits, bound = low.product(low_q, s, s + w, low_out)
     if s == 0:
         bits[blocked] = np.int16(-128)  # -inf: never a seed
         if w > k:
-            floor = _round_down_f32(low.seed(bits, bound, k))
+            floor = round_down_f32(low.seed(bits, bound, k))
     r, c, v, err = low.candidates(bits, bound, floor.astype(np.float64))
     is_blocked = np.isin(r * w + c, blocked[0] * w + blocked[1]) if len(blocked[0]) else np.zeros(len(r), bool)
     # A query whose nearest items lie in this block (a snapshot keeps each class together) has hundreds of
@@ -225,14 +225,8 @@ def _raise_floors(floor: np.ndarray, r: np.ndarray, v: np.ndarray, err: np.ndarr
     order = np.lexsort((-lower, r))  # by query, best lower bound first
     kth = lower[order][np.cumsum(counts)[rows] - counts[rows] + k - 1]
     raised = floor.copy()
-    raised[rows] = np.maximum(floor[rows], _round_down_f32(kth))
+    raised[rows] = np.maximum(floor[rows], round_down_f32(kth))
     return raised
-
-
-def _round_down_f32(t: np.ndarray) -> np.ndarray:
-    """float64 ``t`` as the float32 at or below it."""
-    t32 = t.astype(np.float32)
-    return np.where(t32 > t, np.nextafter(t32, np.float32(-np.inf)), t32)
 
 
 def _rescore(q: np.ndarray, x: np.ndarray, half_norm: np.ndarray | None, r: np.ndarray,
